@@ -1,0 +1,4 @@
+"""The ops: input checks, backend dispatch, autograd and fake (meta) implementations.
+
+Each op lives in its own module under the same stem as its kernels (``csrc/cpu/<stem>.cpp``,
+``csrc/cuda/<stem>.cu``, ``roberta_fast/triton/<stem>.py``)."""

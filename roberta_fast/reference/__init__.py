@@ -1,0 +1,2 @@
+"""Plain-PyTorch references: the oracle for every kernel (ops' ``forward_native``) and a reference
+RoBERTa encoder that reproduces Hugging Face's outputs from the same state_dict."""
