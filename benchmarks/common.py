@@ -1,0 +1,159 @@
+"""What every benchmark suite shares: the Case record, timing, peak memory, pytest-benchmark glue.
+
+A suite ``benchmarks/bench_<op>.py`` defines ``cases(device, dtype, quick)`` yielding ``Case``s whose
+``setup()`` builds the inputs and returns the closure to time; listing cases is cheap and tensors
+exist only while their case runs. ``roberta-fast bench`` and ``pytest benchmarks/`` time the same
+closures.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+
+@dataclass
+class Case:
+    """One implementation of one measured configuration.
+
+    ``group`` names the configuration (rows of a group are compared with each other), ``impl`` the
+    implementation ("torch eager", "torch.compile", "roberta_fast cpu", ...). ``setup()`` creates
+    the inputs and returns ``fn``, which runs the work once (forward and backward where the group
+    says so). ``bytes`` is what must move through memory (for GB/s), ``flops`` the arithmetic (for
+    TFLOP/s). ``baseline`` marks a stock implementation that the others are compared with.
+    """
+
+    group: str
+    impl: str
+    setup: Callable[[], Callable[[], object]]
+    bytes: float | None = None
+    flops: float | None = None
+    baseline: bool = False
+    params: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.group} | {self.impl}"
+
+
+CasesFn = Callable[[str, torch.dtype, bool], Iterable[Case]]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def env_settings() -> tuple[str, torch.dtype, bool]:
+    """Device, dtype and quick flag for pytest runs (ROBERTA_FAST_BENCH_{DEVICE,DTYPE,QUICK})."""
+    device = os.environ.get("ROBERTA_FAST_BENCH_DEVICE", default_device())
+    dtype_name = os.environ.get("ROBERTA_FAST_BENCH_DTYPE")
+    dtype = DTYPES[dtype_name] if dtype_name else default_dtype(device)
+    quick = os.environ.get("ROBERTA_FAST_BENCH_QUICK", "1") == "1"
+    return device, dtype, quick
+
+
+def pytest_cases(cases_fn: CasesFn) -> list:
+    """``pytest.param`` per case of ``cases_fn`` for the device/dtype/quick of ``env_settings``."""
+    import pytest
+
+    device, dtype, quick = env_settings()
+    return [pytest.param(case, id=case.id) for case in cases_fn(device, dtype, quick)]
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    runs: int
+
+
+def measure(fn: Callable[[], object], device: str, *, quick: bool = False) -> Timing:
+    """Median time of ``fn`` after warm-up.
+
+    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU:
+    ``torch.utils.benchmark.Timer.blocked_autorange`` (its thread count is torch's).
+    """
+    if device == "cuda":
+        import triton.testing
+
+        times_ms = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                           return_mode="all")
+        times = sorted(t / 1e3 for t in times_ms)
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        return Timing(statistics.median(times), q[2] - q[0], len(times))
+    from torch.utils import benchmark as tbench
+
+    fn()  # warm-up (first-call allocations, lazy initialisation)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=0.3 if quick else 1.5)
+    return Timing(m.median, m.iqr, len(m.times))
+
+
+def _vm_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory in bytes that one call of ``fn`` adds on top of what is already allocated.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the process's peak resident set (VmHWM) during
+    the call above its resident set before it, after resetting the peak through
+    /proc/self/clear_refs; None where the kernel does not allow that.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _vm_kib("VmRSS")
+        fn()
+        return float(max(0, _vm_kib("VmHWM") - before) * 1024)
+    except OSError:
+        return None
+
+
+def run_case(case: Case, device: str, quick: bool = False) -> dict:
+    """Set up, time and measure one case; a plain dict ready for JSON."""
+    fn = case.setup()
+    timing = measure(fn, device, quick=quick)
+    mem = peak_memory(fn, device)
+    row = {
+        "group": case.group, "impl": case.impl, "baseline": case.baseline,
+        "median_s": timing.median_s, "iqr_s": timing.iqr_s, "runs": timing.runs,
+        "peak_mem_bytes": mem, "params": case.params,
+    }
+    if case.bytes:
+        row["gb_per_s"] = case.bytes / timing.median_s / 1e9
+    if case.flops:
+        row["tflop_per_s"] = case.flops / timing.median_s / 1e12
+    del fn
+    return row
+
+
+def iter_cases(cases_fns: Iterable[CasesFn], device: str, dtype: torch.dtype,
+               quick: bool) -> Iterator[Case]:
+    for cases_fn in cases_fns:
+        yield from cases_fn(device, dtype, quick)
