@@ -30,7 +30,8 @@ def _want_cuda():
 os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
 
 with_cuda = _want_cuda()
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]  # OpenMP: at::parallel_for
+# The C++ standard is left to torch (its headers need C++17 or C++20 depending on the release).
+cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]  # OpenMP: at::parallel_for
 if os.environ.get("ROBERTA_FAST_NATIVE_ARCH", "1") == "1":
     # Built on the machine that runs it: let the compiler vectorize for this CPU.
     cxx_flags.append("-march=native")
@@ -47,7 +48,7 @@ if with_cuda:
         extra_link_args=["-fopenmp"],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                      "--expt-relaxed-constexpr"],
         },
     )
