@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh), builds the native kernels with CMake and runs ctest (which also
-# proves the CUDA sources compile where nvcc exists), then runs the Python test suite.
+# proves the CUDA sources compile where nvcc exists), syntax-checks the CUDA half of the bindings,
+# then runs the Python test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,6 +17,7 @@ fi
 # ptxas -v: registers and spills of every CUDA kernel, so a spill shows in the log.
 grep -E "spill stores|warning" "$build/build.log" | sort | uniq -c | sort -rn | head -20 || true
 (cd "$build" && ctest --output-on-failure)
+bash scripts/check_cuda_bindings.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 "$PY" -m pytest tests "$@"
