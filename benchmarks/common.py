@@ -39,6 +39,11 @@ class Case:
         return f"{self.group} | {self.impl}"
 
 
+class Unavailable(Exception):
+    """Raised by ``Case.setup()`` when its implementation cannot run here (a backend that is not
+    built, an API not present); the runner lists the case as skipped and pytest skips it."""
+
+
 CasesFn = Callable[[str, torch.dtype, bool], Iterable[Case]]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,3 +162,35 @@ def iter_cases(cases_fns: Iterable[CasesFn], device: str, dtype: torch.dtype,
                quick: bool) -> Iterator[Case]:
     for cases_fn in cases_fns:
         yield from cases_fn(device, dtype, quick)
+
+
+def benchmark_case(benchmark, case: Case, device: str) -> None:
+    """Time ``case`` with pytest-benchmark's ``benchmark`` fixture: the closure that
+    ``roberta-fast bench`` times, synchronised on a GPU so that each round measures finished work.
+
+    A case whose setup raises :class:`Unavailable` is skipped with its reason. The group, impl,
+    and GB/s or TFLOP/s at the median go into the JSON's ``extra_info``.
+    """
+    import pytest
+
+    try:
+        fn = case.setup()
+    except Unavailable as exc:
+        pytest.skip(f"NOT RUN: {exc}")
+
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn
+    timed()  # warm-up, as run_case does
+    benchmark.group = case.group
+    benchmark.extra_info.update(group=case.group, impl=case.impl, baseline=case.baseline,
+                                params=case.params)
+    benchmark(timed)
+    median = benchmark.stats.stats.median
+    if case.bytes:
+        benchmark.extra_info["gb_per_s"] = case.bytes / median / 1e9
+    if case.flops:
+        benchmark.extra_info["tflop_per_s"] = case.flops / median / 1e12
