@@ -118,8 +118,11 @@ def _validate(x, residual, weight, bias, eps, dropout_p) -> float:
     return check_dropout_p(dropout_p)
 
 
-def _pick_backend(device: torch.device, hidden: int) -> str:
-    backend = backends.resolve(device)
+# The backend choice reads a ContextVar and the environment, which torch.compile cannot trace:
+# under compile it is made once, when the graph is traced, and kept as a constant.
+@torch.compiler.assume_constant_result
+def _pick_backend(device_type: str, hidden: int) -> str:
+    backend = backends.resolve(device_type)
     if backend == "cuda" and hidden > CUDA_MAX_HIDDEN:
         if backends.current() != "auto":
             raise ValueError(f"the cuda backend takes H <= {CUDA_MAX_HIDDEN}, got H = {hidden}; "
@@ -150,7 +153,7 @@ def fused_residual_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: t
     p = _validate(x, residual, weight, bias, eps, dropout_p)
     p = p if training else 0.0
     hidden = x.shape[-1]
-    backend = _pick_backend(x.device, hidden)
+    backend = _pick_backend(x.device.type, hidden)
     if backend == "reference":
         mask = torch.rand(x.shape, device=x.device) > p if p > 0.0 else None
         return forward_native(x, residual, weight, bias, float(eps), mask, p)

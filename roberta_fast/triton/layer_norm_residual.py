@@ -19,10 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
+
+
+@triton.jit
+def _round_bf16(v):
+    """fp32 -> the nearest-even bfloat16 value, still as fp32. The interpreter's fp32 -> bf16 cast
+    truncates where the GPU rounds to nearest even; rounding first makes that cast exact."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    bits = (bits >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
 
 @triton.jit
 def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
-                HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -41,6 +53,8 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
     w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
     y = d * rstd * w + b
+    if ROUND_BF16:
+        y = _round_bf16(y)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -48,7 +62,7 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
 
 @triton.jit
 def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H, rows_per_prog,
-                p, HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+                p, HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -74,14 +88,23 @@ def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H
         a = tl.sum(g, axis=0) / H
         c = tl.sum(g * xhat, axis=0) / H
         ds = rstd * (g - a - xhat * c)
-        tl.store(DRes + offs, ds.to(DRes.dtype.element_ty), mask=inside)
+        if ROUND_BF16:
+            tl.store(DRes + offs, _round_bf16(ds).to(DRes.dtype.element_ty), mask=inside)
+        else:
+            tl.store(DRes + offs, ds.to(DRes.dtype.element_ty), mask=inside)
         if HAS_DROPOUT:
             dx = tl.where(keep, ds * (1.0 / (1.0 - p)), 0.0)
+            if ROUND_BF16:
+                dx = _round_bf16(dx)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=inside)
         dw += dy * xhat
         db += dy
     tl.store(DWPart + pid * H + cols, dw, mask=inside)
     tl.store(DBPart + pid * H + cols, db, mask=inside)
+
+
+def _round_bf16_by_hand(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and backends.interpreting()
 
 
 def _num_warps(block: int) -> int:
@@ -137,7 +160,8 @@ def layer_norm_residual_triton_fwd(x: torch.Tensor, residual: torch.Tensor, weig
         block = triton.next_power_of_2(hidden)
         _fwd_kernel[(rows,)](x, residual, weight, bias, y, mean, rstd,
                              seed if has_dropout else mean, hidden, eps, dropout_p,
-                             HAS_DROPOUT=has_dropout, BLOCK=block, num_warps=_num_warps(block))
+                             HAS_DROPOUT=has_dropout, ROUND_BF16=_round_bf16_by_hand(x),
+                             BLOCK=block, num_warps=_num_warps(block))
     return y, mean, rstd
 
 
@@ -174,7 +198,8 @@ def layer_norm_residual_triton_bwd(dy: torch.Tensor, x: torch.Tensor, residual: 
     block = triton.next_power_of_2(hidden)
     _bwd_kernel[(programs,)](dy, x, residual, weight, mean, rstd, seed if has_dropout else mean,
                              dres, dx if has_dropout else dres, dw_part, db_part, rows, hidden,
-                             rows_per_prog, dropout_p, HAS_DROPOUT=has_dropout, BLOCK=block,
+                             rows_per_prog, dropout_p, HAS_DROPOUT=has_dropout,
+                             ROUND_BF16=_round_bf16_by_hand(x), BLOCK=block,
                              num_warps=_num_warps(block))
     return dres, dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
