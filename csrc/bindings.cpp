@@ -25,6 +25,249 @@ TORCH_LIBRARY(roberta_fast, m) {
 }
 
 // ===== layer_norm_residual =====
+// y = layer_norm(dropout(x) + residual) on 2-D contiguous [rows, H] views (the Python op reshapes).
+// Backward returns an empty dx when dropout is off: dx equals dresidual then, and an op may not
+// return two aliased outputs, so the autograd formula reuses dresidual.
+#include "cpu/layer_norm_residual.h"
+#ifdef WITH_CUDA
+#include "cuda/layer_norm_residual.h"
+#endif
+
+namespace {
+namespace lnr {
+
+bool is_io_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The checks shared by forward and backward: shapes, dtypes, devices, contiguity.
+void check_common(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                  double dropout_p, const c10::optional<at::Tensor>& seed) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "layer_norm_residual: x must be 2-D [rows, H], got ",
+                    x.dim(), "-D");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "layer_norm_residual: residual shape ",
+                    residual.sizes(), " must equal x shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_io_dtype(x.scalar_type()),
+                   "layer_norm_residual: x must be float32, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(residual.scalar_type() == x.scalar_type(),
+                   "layer_norm_residual: residual dtype ", residual.scalar_type(),
+                   " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(1),
+                    "layer_norm_residual: weight must have shape [", x.size(1), "], got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+                   "layer_norm_residual: weight/bias dtype must be x's dtype or float32, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous(),
+                    "layer_norm_residual: x, residual and weight must be contiguous");
+  TORCH_CHECK(residual.device() == x.device() && weight.device() == x.device(),
+              "layer_norm_residual: x, residual and weight must be on one device");
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0,
+                    "layer_norm_residual: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(seed.has_value() && seed->defined(),
+                      "layer_norm_residual: dropout_p > 0 needs a seed tensor");
+    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong && seed->numel() == 1,
+                     "layer_norm_residual: seed must be an int64 tensor of one element");
+    TORCH_CHECK(seed->device() == x.device(), "layer_norm_residual: seed is on ",
+                seed->device(), " but x is on ", x.device());
+  }
+}
+
+void check_bias(const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(bias.sizes() == weight.sizes(), "layer_norm_residual: bias shape ",
+                    bias.sizes(), " must equal weight shape ", weight.sizes());
+  TORCH_CHECK_TYPE(bias.scalar_type() == weight.scalar_type(),
+                   "layer_norm_residual: bias dtype must equal weight dtype");
+  TORCH_CHECK_VALUE(bias.is_contiguous(), "layer_norm_residual: bias must be contiguous");
+  TORCH_CHECK(bias.device() == weight.device(),
+              "layer_norm_residual: bias must be on weight's device");
+}
+
+void check_stats(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
+                 const at::Tensor& rstd) {
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "layer_norm_residual: dy shape ", dy.sizes(),
+                    " must equal x shape ", x.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(),
+                   "layer_norm_residual: dy dtype must equal x dtype");
+  TORCH_CHECK_VALUE(dy.is_contiguous(), "layer_norm_residual: dy must be contiguous");
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(0) && t->is_contiguous(),
+                      "layer_norm_residual: mean/rstd must be contiguous [rows]");
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat,
+                     "layer_norm_residual: mean/rstd must be float32");
+    TORCH_CHECK(t->device() == x.device(), "layer_norm_residual: mean/rstd on the wrong device");
+  }
+  TORCH_CHECK(dy.device() == x.device(), "layer_norm_residual: dy on the wrong device");
+}
+
+// Calls f(T{}, W{}) with the C++ types of the (io, param) dtypes.
+template <typename F>
+void dispatch_cpu(at::ScalarType io, at::ScalarType param, F&& f) {
+  const bool fp32_param = param == at::kFloat;
+  switch (io) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kHalf:
+      return fp32_param ? f(c10::Half{}, float{}) : f(c10::Half{}, c10::Half{});
+    case at::kBFloat16:
+      return fp32_param ? f(c10::BFloat16{}, float{}) : f(c10::BFloat16{}, c10::BFloat16{});
+    default:
+      TORCH_CHECK_TYPE(false, "layer_norm_residual: unsupported dtype ", io);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_common(x, residual, weight, dropout_p, seed);
+  check_bias(weight, bias);
+  TORCH_CHECK_VALUE(eps > 0.0, "layer_norm_residual: eps must be > 0, got ", eps);
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  const uint64_t seed_value = dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    roberta_fast::cpu::layer_norm_residual_fwd<T, W>(
+        x.const_data_ptr<T>(), residual.const_data_ptr<T>(), weight.const_data_ptr<W>(),
+        bias.const_data_ptr<W>(), y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
+        rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
+        static_cast<float>(dropout_p), seed_value);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
+  check_common(x, residual, weight, dropout_p, seed);
+  check_stats(x, dy, mean, rstd);
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const bool dropout = dropout_p > 0.0;
+  at::Tensor dresidual = at::empty_like(x);
+  at::Tensor dx = dropout ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dweight = at::empty_like(weight);
+  at::Tensor dbias = at::empty_like(weight);
+  const uint64_t seed_value = dropout ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    roberta_fast::cpu::layer_norm_residual_bwd<T, W>(
+        dy.const_data_ptr<T>(), x.const_data_ptr<T>(), residual.const_data_ptr<T>(),
+        weight.const_data_ptr<W>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+        dresidual.mutable_data_ptr<T>(), dropout ? dx.mutable_data_ptr<T>() : nullptr,
+        dweight.mutable_data_ptr<W>(), dbias.mutable_data_ptr<W>(), rows, hidden,
+        static_cast<float>(dropout_p), seed_value);
+  });
+  return {dresidual, dx, dweight, dbias};
+}
+
+#ifdef WITH_CUDA
+roberta_fast::cuda::DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return roberta_fast::cuda::DType::kFloat32;
+    case at::kHalf:
+      return roberta_fast::cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return roberta_fast::cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "layer_norm_residual: unsupported dtype ", t);
+  }
+}
+
+const int64_t* cuda_seed_ptr(double dropout_p, const c10::optional<at::Tensor>& seed) {
+  return dropout_p > 0.0 ? seed->const_data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_common(x, residual, weight, dropout_p, seed);
+  check_bias(weight, bias);
+  TORCH_CHECK_VALUE(eps > 0.0, "layer_norm_residual: eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(x.size(1) <= roberta_fast::cuda::layer_norm_residual_max_hidden(
+                                     cuda_dtype(x.scalar_type())),
+                    "layer_norm_residual: H = ", x.size(1), " is larger than the cuda kernels "
+                    "support; use the triton backend");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  check_cuda(roberta_fast::cuda::layer_norm_residual_fwd(
+                 cuda_dtype(x.scalar_type()), cuda_dtype(weight.scalar_type()), x.const_data_ptr(),
+                 residual.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(),
+                 y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
+                 rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
+                 static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
+                 at::cuda::getCurrentCUDAStream()),
+             "layer_norm_residual_fwd");
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+    const c10::optional<at::Tensor>& seed) {
+  check_common(x, residual, weight, dropout_p, seed);
+  check_stats(x, dy, mean, rstd);
+  TORCH_CHECK_VALUE(x.size(1) <= roberta_fast::cuda::layer_norm_residual_max_hidden(
+                                     cuda_dtype(x.scalar_type())),
+                    "layer_norm_residual: H = ", x.size(1), " is larger than the cuda kernels "
+                    "support; use the triton backend");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const bool dropout = dropout_p > 0.0;
+  const auto io = cuda_dtype(x.scalar_type());
+  at::Tensor dresidual = at::empty_like(x);
+  at::Tensor dx = dropout ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dweight = at::empty_like(weight);
+  at::Tensor dbias = at::empty_like(weight);
+  // fp32 partial dweight/dbias of each backward block, reduced by a second kernel.
+  const int64_t parts = roberta_fast::cuda::layer_norm_residual_bwd_parts(io, rows, hidden);
+  at::Tensor workspace = at::empty({parts * 2 * hidden}, x.options().dtype(at::kFloat));
+  check_cuda(roberta_fast::cuda::layer_norm_residual_bwd(
+                 io, cuda_dtype(weight.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
+                 residual.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr<float>(),
+                 rstd.const_data_ptr<float>(), dresidual.mutable_data_ptr(),
+                 dropout ? dx.mutable_data_ptr() : nullptr, dweight.mutable_data_ptr(),
+                 dbias.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), parts, rows,
+                 hidden, static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
+                 at::cuda::getCurrentCUDAStream()),
+             "layer_norm_residual_bwd");
+  return {dresidual, dx, dweight, dbias};
+}
+#endif  // WITH_CUDA
+
+}  // namespace lnr
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(roberta_fast, m) {
+  m.def("layer_norm_residual_fwd(Tensor x, Tensor residual, Tensor weight, Tensor bias, "
+        "float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_residual_bwd(Tensor dy, Tensor x, Tensor residual, Tensor weight, "
+        "Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(roberta_fast, CPU, m) {
+  m.impl("layer_norm_residual_fwd", &lnr::fwd_cpu);
+  m.impl("layer_norm_residual_bwd", &lnr::bwd_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(roberta_fast, CUDA, m) {
+  m.impl("layer_norm_residual_fwd", &lnr::fwd_cuda);
+  m.impl("layer_norm_residual_bwd", &lnr::bwd_cuda);
+}
+#endif
+
 
 // ===== masked_lm_loss =====
 
