@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
                  y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
                  rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
                  static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
-                 at::cuda::getCurrentCUDAStream()),
+                 c10::cuda::getCurrentCUDAStream()),
              "layer_norm_residual_fwd");
   return {y, mean, rstd};
 }
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                  dropout ? dx.mutable_data_ptr() : nullptr, dweight.mutable_data_ptr(),
                  dbias.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), parts, rows,
                  hidden, static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
-                 at::cuda::getCurrentCUDAStream()),
+                 c10::cuda::getCurrentCUDAStream()),
              "layer_norm_residual_bwd");
   return {dresidual, dx, dweight, dbias};
 }

@@ -14,13 +14,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/dtype.h"
+
 namespace roberta_fast::cuda {
 
-// Shared by the CUDA op headers; guarded so that several of them can be included together.
-#ifndef ROBERTA_FAST_CUDA_DTYPE_DEFINED
-#define ROBERTA_FAST_CUDA_DTYPE_DEFINED
-enum class DType { kFloat16, kBFloat16 };
-#endif
 
 struct AttentionFwdParams {
   // Padded: [B, L, H, D] (any token / head / batch strides, last dim contiguous).

@@ -11,10 +11,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/dtype.h"
+
 namespace roberta_fast {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Largest hidden size these kernels take (the row is kept in registers).
 int64_t layer_norm_residual_max_hidden(DType io);
