@@ -149,8 +149,14 @@ def resolve(device: torch.device | str, gpu_order: Sequence[str] = ("cuda", "tri
 
     ``gpu_order`` is the op's preference among GPU backends for ``auto``. Raises
     ``BackendUnavailableError`` naming the reason when an explicitly chosen backend cannot run.
+    Under ``torch.compile`` the choice is made once, when the graph is traced, and kept as a
+    constant (it reads a ContextVar and the environment, which dynamo cannot trace).
     """
-    device_type = torch.device(device).type
+    return _resolve(torch.device(device).type, tuple(gpu_order))
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, gpu_order: tuple[str, ...]) -> str:
     chosen = current()
     if chosen != "auto":
         why = _reason(chosen, device_type)

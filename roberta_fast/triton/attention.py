@@ -1,0 +1,794 @@
+"""Fused softmax attention in Triton: FlashAttention-2 style forward and backward.
+
+Layouts (no transposes anywhere):
+
+* padded: ``q, k, v`` are ``[B, L, heads, D]``; an optional ``key_padding_mask`` ``[B, L]`` (bool,
+  True = real token) hides padded keys and zeroes padded query rows. LSE is ``[B, heads, L]``.
+* varlen: ``q, k, v`` are ``[total_tokens, heads, D]`` with sequences packed end to end and
+  described by ``cu_seqlens`` (int32 ``[batch + 1]``). LSE is ``[heads, total_tokens]``.
+
+One kernel body serves both layouts: a sequence is a base token ``tok0`` plus a length, taken from
+``cu_seqlens`` (varlen) or ``b * L`` through the batch stride (padded).
+
+LSE is the natural-log log-sum-exp of ``scale * q.k`` over the real keys of a row. A padded query
+row, or a row without any real key, gets ``O = 0`` and ``LSE = +inf`` so that the probabilities the
+backward recomputes there are exactly 0.
+
+Dropout (shared RNG contract): an element ``(b, h, i, j)`` is kept iff
+``tl.rand(seed, ((b * heads + h) * Lmax + i) * Lmax + j) > p`` with an int64 offset, where
+``Lmax`` is ``L`` (padded) or ``max_seqlen`` (varlen); kept values are scaled by ``1 / (1 - p)``.
+The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
+
+The functions here are plain launchers with no autograd; ``roberta_fast.ops.attention`` wraps them.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_fwd", "attention_bwd", "dropout_mask", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 128
+
+# exp and log run as exp2 / log2 with these factors folded in.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+_LOG2E = LOG2E.value
+
+# Set to "0" to skip autotuning (each problem kind then runs the first fitting tile of its table),
+# e.g. in tests, where tuning every shape would cost minutes of compilation.
+AUTOTUNE_ENV = "ROBERTA_FAST_AUTOTUNE"
+
+# Read once, as triton.jit does: it decides between compiled and interpreted kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Autotuning configurations
+# --------------------------------------------------------------------------------------------
+
+class _Tile(NamedTuple):
+    """One autotuning candidate and where it is worth trying.
+
+    ``max_block_d`` and ``dropout`` record where the tile stops fitting in registers (ptxas -v
+    for sm_90a reports spills beyond them; dropout's in-register Philox draws cost about 40
+    registers per thread). ``fp32`` tiles serve fp32 inputs only: exact fp32 dots run on FMA
+    units with far larger register footprints, so those need small tiles, which in turn would
+    starve the tensor cores for fp16/bf16.
+    """
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    max_block_d: int = 128
+    dropout: bool = True
+    fp32: bool = False
+
+
+def _configs(table: list[_Tile]) -> list[triton.Config]:
+    if _INTERPRET:
+        # The interpreter executes programs in numpy: one small tile keeps tests quick.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps,
+                          num_stages=t.stages) for t in table]
+
+
+# Hopper favours 128-row query tiles with 8 warps (two warpgroups); 64-row tiles win for short
+# sequences, where 128-row tiles would leave SMs idle.
+_FWD_TABLE = [
+    _Tile(128, 64, 8, 3),
+    _Tile(128, 128, 8, 3, dropout=False),
+    _Tile(128, 128, 8, 2, dropout=False),
+    _Tile(128, 64, 4, 4, max_block_d=64, dropout=False),
+    _Tile(128, 32, 4, 4),
+    _Tile(64, 64, 4, 4),
+    _Tile(64, 128, 4, 3, max_block_d=64, dropout=False),
+    _Tile(64, 32, 4, 3),
+    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
+    _Tile(16, 32, 4, 2, fp32=True),
+]
+# dK/dV: BLOCK_N key rows are owned by a program, BLOCK_M query rows are streamed.
+_DKDV_TABLE = [
+    _Tile(64, 128, 8, 2, max_block_d=64, dropout=False),
+    _Tile(64, 128, 8, 3, max_block_d=64, dropout=False),
+    _Tile(32, 128, 8, 3),
+    _Tile(32, 128, 8, 2),
+    _Tile(64, 64, 4, 3, max_block_d=64, dropout=False),
+    _Tile(64, 64, 4, 2, max_block_d=64, dropout=False),
+    _Tile(32, 64, 4, 3),
+    _Tile(32, 64, 4, 2),
+    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
+    _Tile(16, 32, 4, 2, fp32=True),
+]
+# dQ: BLOCK_M query rows are owned by a program, BLOCK_N key rows are streamed.
+_DQ_TABLE = [
+    _Tile(128, 64, 8, 2),
+    _Tile(128, 64, 8, 3),
+    _Tile(128, 32, 8, 3),
+    _Tile(128, 32, 4, 3, max_block_d=64, dropout=False),
+    _Tile(64, 64, 4, 3),
+    _Tile(64, 32, 4, 3),
+    _Tile(128, 128, 8, 2, max_block_d=64, dropout=False),
+    _Tile(32, 32, 4, 2, fp32=True),
+    _Tile(16, 32, 4, 2, fp32=True),
+]
+
+
+def _prune(owned: str, streamed: str, table: list[_Tile]):
+    """Drop configurations that cannot help for this problem before tuning compiles them."""
+    if _INTERPRET:
+        return None
+    tiles = {(t.block_m, t.block_n, t.warps, t.stages): t for t in table}
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        bucket = args["SEQ_BUCKET"]
+        block_d = args["BLOCK_D"]
+        dropout = bool(args["DROPOUT"])
+        fp32 = args["Q"].dtype == torch.float32
+        kept = []
+        for c in configs:
+            tile = tiles[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+            if tile.fp32 != fp32 or block_d > tile.max_block_d or (dropout and not tile.dropout):
+                continue
+            # Tiles much longer than the longest sequence only add masked work.
+            if c.kwargs[owned] > max(bucket, 64) or c.kwargs[streamed] > max(bucket, 32):
+                continue
+            kept.append(c)
+        if not kept:  # the smallest tile of the right kind always fits
+            kept = [min((c for c in configs
+                         if tiles[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                   c.num_stages)].fp32 == fp32),
+                        key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+            # The table lists the expected winner first: skip the compile-and-time sweep.
+            return kept[:1]
+        return kept
+
+    return {"early_config_prune": prune}
+
+
+_TUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "VARLEN", "KEY_MASK", "DROPOUT"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; bounds masks only where the tile can leave the data."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """``a @ b (+ acc)`` accumulated in fp32."""
+    if DOT_PREC == "upcast":
+        # Only under the interpreter, whose bf16 dot multiplies the raw bit patterns.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    if EVEN_D:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _sequence(CU, KV_END, b, seq_len, VARLEN: tl.constexpr, KEY_MASK: tl.constexpr):
+    """(first token, length, end of the keys worth visiting) of sequence ``b``."""
+    if VARLEN:
+        tok0 = tl.load(CU + b)
+        seqlen = tl.load(CU + b + 1) - tok0
+        n_end = seqlen
+    else:
+        tok0 = b * 0
+        seqlen = seq_len
+        if KEY_MASK:
+            # One past the last real key: later keys (and query rows) are all padding.
+            n_end = tl.load(KV_END + b)
+        else:
+            n_end = seq_len
+    return tok0.to(tl.int64), seqlen, n_end
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_base, drop_rows, seed,
+                 lo, hi, n_end, qk_scale, p_drop, offs_n, offs_d,
+                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 KEY_MASK: tl.constexpr, CHECK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, n_end, offs_d,
+                       HEAD_DIM, CHECK_N, EVEN_D)
+        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        if KEY_MASK:
+            real = tl.load(kpm_base + cols, mask=cols < n_end, other=0)
+            s = tl.where(real[None, :] != 0, s, float("-inf"))
+        elif CHECK_N:
+            s = tl.where(cols[None, :] < n_end, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) from turning into NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            # The normaliser l_i counts every probability; only the PV product sees the mask.
+            keep = tl.rand(seed, drop_rows[:, None] + cols[None, :].to(tl.int64)) > p_drop
+            p = tl.where(keep, p, 0.0)
+        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, n_end, offs_d,
+                       HEAD_DIM, CHECK_N, EVEN_D)
+        acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(_FWD_TABLE), key=_TUNE_KEY,
+                  prune_configs_by=_prune("BLOCK_M", "BLOCK_N", _FWD_TABLE))
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KPM, KV_END, CU, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_mb, stride_lb, stride_lh,
+    num_heads, seq_len, Lmax, qk_scale, p_drop, keep_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    tok0, seqlen, n_end = _sequence(CU, KV_END, b, seq_len, VARLEN, KEY_MASK)
+    if start_m * BLOCK_M >= seqlen:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o_base = O + b64 * stride_ob + tok0 * stride_ot + h64 * stride_oh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh + tok0
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
+
+    if start_m * BLOCK_M >= n_end:
+        # Every row of this tile is padding (only reachable with a key padding mask).
+        _store_rows(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), offs_m,
+                    seqlen, offs_d, HEAD_DIM, EVEN_D)
+        tl.store(lse_base + offs_m, tl.full([BLOCK_M], float("inf"), tl.float32),
+                 mask=offs_m < seqlen)
+        return
+
+    q_base = Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
+    k_base = K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
+    kpm_base = KPM + b64 * stride_mb
+    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
+                   HEAD_DIM, True, EVEN_D)
+
+    if DROPOUT:
+        seed = tl.load(SEED)
+        drop_rows = ((b64 * num_heads + h64) * Lmax + offs_m.to(tl.int64)) * Lmax
+    else:
+        seed = 0
+        drop_rows = offs_m.to(tl.int64)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Full key tiles need no bounds checks; the ragged last tile is handled on its own.
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_base,
+                                 drop_rows, seed, 0, n_full, n_end, qk_scale, p_drop, offs_n,
+                                 offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, False, DROPOUT,
+                                 DOT_PREC)
+    acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_base,
+                                 drop_rows, seed, n_full, n_end, n_end, qk_scale, p_drop, offs_n,
+                                 offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, True, DROPOUT,
+                                 DOT_PREC)
+
+    row_ok = l_i > 0.0
+    if KEY_MASK:
+        q_real = tl.load(kpm_base + offs_m, mask=offs_m < n_end, other=0)
+        row_ok = row_ok & (q_real != 0)
+    l_safe = tl.where(row_ok, l_i, 1.0)
+    inv_l = 1.0 / l_safe
+    if DROPOUT:
+        inv_l = inv_l * keep_scale
+    o = tl.where(row_ok[:, None], acc * inv_l[:, None], 0.0)
+    lse = tl.where(row_ok, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    _store_rows(o_ptrs, o.to(O.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM, EVEN_D)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < seqlen)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, CU,
+                      stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
+                      stride_lb, stride_lh, seq_len,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                      VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id in fp32, laid out like LSE."""
+    start_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    tok0, seqlen, n_end = _sequence(CU, CU, b, seq_len, VARLEN, False)
+    if start_m * BLOCK_M >= seqlen:
+        return
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o = _load_rows(O + b64 * stride_ob + tok0 * stride_ot + h64 * stride_oh
+                   + offs_m[:, None] * stride_ot + offs_d[None, :], offs_m, seqlen, offs_d,
+                   HEAD_DIM, True, EVEN_D)
+    do = _load_rows(DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d,
+                    HEAD_DIM, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + tok0 + offs_m, delta, mask=offs_m < seqlen)
+
+
+@triton.jit
+def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
+                 drop_cols, seed, lo, hi, q_end, qk_scale, p_drop, keep_scale, Lmax, offs_m, offs_d,
+                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 CHECK_M: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Works on transposed tiles ([keys, queries]) so that dK and dV come out of plain dots.
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], rows, q_end, offs_d,
+                       HEAD_DIM, CHECK_M, EVEN_D)
+        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_d[None, :], rows, q_end, offs_d,
+                        HEAD_DIM, CHECK_M, EVEN_D)
+        if CHECK_M:
+            # Rows past the end get LSE = +inf, hence probability 0.
+            lse2 = tl.load(lse_base + rows, mask=rows < q_end, other=float("inf")) * LOG2E
+            delta = tl.load(delta_base + rows, mask=rows < q_end, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + rows) * LOG2E
+            delta = tl.load(delta_base + rows)
+        s_t = _mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dp_t = _mma(v, tl.trans(do), None, DOT_PREC)
+        if DROPOUT:
+            keep = tl.rand(seed, drop_cols[:, None] + rows[None, :].to(tl.int64) * Lmax) > p_drop
+            pd_t = tl.where(keep, p_t * keep_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            pd_t = p_t
+        dv = _mma(pd_t.to(do.dtype), do, dv, DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_DKDV_TABLE), key=_TUNE_KEY,
+                  prune_configs_by=_prune("BLOCK_N", "BLOCK_M", _DKDV_TABLE))
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, KPM, KV_END, CU, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_mb, stride_lb, stride_lh,
+    num_heads, seq_len, Lmax, qk_scale, sm_scale, p_drop, keep_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    tok0, seqlen, n_end = _sequence(CU, KV_END, b, seq_len, VARLEN, KEY_MASK)
+    if start_n * BLOCK_N >= seqlen:
+        return
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    dk_ptrs = DK + b64 * stride_dkb + tok0 * stride_dkt + h64 * stride_dkh \
+        + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + tok0 * stride_dvt + h64 * stride_dvh \
+        + offs_n[:, None] * stride_dvt + offs_d[None, :]
+
+    if start_n * BLOCK_N >= n_end:
+        # Only padded keys here: they receive no gradient.
+        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=DK.dtype.element_ty)
+        _store_rows(dk_ptrs, zero, offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
+        _store_rows(dv_ptrs, zero.to(DV.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
+        return
+
+    k = _load_rows(K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
+                   + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, n_end, offs_d, HEAD_DIM,
+                   True, EVEN_D)
+    v = _load_rows(V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
+                   + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, n_end, offs_d, HEAD_DIM,
+                   True, EVEN_D)
+    q_base = Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh + tok0
+    delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + tok0
+
+    if DROPOUT:
+        seed = tl.load(SEED)
+        drop_cols = (b64 * num_heads + h64) * Lmax * Lmax + offs_n.to(tl.int64)
+    else:
+        seed = 0
+        drop_cols = offs_n.to(tl.int64)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query rows at or past n_end are padding (LSE = +inf) and contribute nothing: skip them.
+    m_full = (n_end // BLOCK_M) * BLOCK_M
+    dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
+                          delta_base, drop_cols, seed, 0, m_full, n_end, qk_scale, p_drop,
+                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, False,
+                          DROPOUT, DOT_PREC)
+    dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
+                          delta_base, drop_cols, seed, m_full, n_end, n_end, qk_scale, p_drop,
+                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, True,
+                          DROPOUT, DOT_PREC)
+
+    # Rows of dK/dV depend only on their own key, so masked keys are zeroed once here instead of
+    # being masked inside the loop.
+    key_ok = offs_n < n_end
+    if KEY_MASK:
+        real = tl.load(KPM + b64 * stride_mb + offs_n, mask=key_ok, other=0)
+        key_ok = key_ok & (real != 0)
+    dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    _store_rows(dk_ptrs, dk.to(DK.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
+    _store_rows(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
+
+
+@triton.jit
+def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kpm_base, drop_rows,
+                seed, lo, hi, n_end, qk_scale, p_drop, keep_scale, offs_n, offs_d,
+                HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                KEY_MASK: tl.constexpr, CHECK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, n_end, offs_d,
+                       HEAD_DIM, CHECK_N, EVEN_D)
+        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, n_end, offs_d,
+                       HEAD_DIM, CHECK_N, EVEN_D)
+        s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        if KEY_MASK:
+            real = tl.load(kpm_base + cols, mask=cols < n_end, other=0)
+            s = tl.where(real[None, :] != 0, s, float("-inf"))
+        elif CHECK_N:
+            s = tl.where(cols[None, :] < n_end, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _mma(do, tl.trans(v), None, DOT_PREC)
+        if DROPOUT:
+            keep = tl.rand(seed, drop_rows[:, None] + cols[None, :].to(tl.int64)) > p_drop
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=_configs(_DQ_TABLE), key=_TUNE_KEY,
+                  prune_configs_by=_prune("BLOCK_M", "BLOCK_N", _DQ_TABLE))
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KPM, KV_END, CU, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_mb, stride_lb, stride_lh,
+    num_heads, seq_len, Lmax, qk_scale, sm_scale, p_drop, keep_scale, SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    tok0, seqlen, n_end = _sequence(CU, KV_END, b, seq_len, VARLEN, KEY_MASK)
+    if start_m * BLOCK_M >= seqlen:
+        return
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    dq_ptrs = DQ + b64 * stride_dqb + tok0 * stride_dqt + h64 * stride_dqh \
+        + offs_m[:, None] * stride_dqt + offs_d[None, :]
+
+    if start_m * BLOCK_M >= n_end:
+        _store_rows(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), offs_m,
+                    seqlen, offs_d, HEAD_DIM, EVEN_D)
+        return
+
+    q = _load_rows(Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
+                   + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
+                   HEAD_DIM, True, EVEN_D)
+    do = _load_rows(DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
+                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d,
+                    HEAD_DIM, True, EVEN_D)
+    lse_rows = b64 * stride_lb + h64 * stride_lh + tok0 + offs_m
+    lse2 = tl.load(LSE + lse_rows, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + lse_rows, mask=offs_m < seqlen, other=0.0)
+    k_base = K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
+    kpm_base = KPM + b64 * stride_mb
+
+    if DROPOUT:
+        seed = tl.load(SEED)
+        drop_rows = ((b64 * num_heads + h64) * Lmax + offs_m.to(tl.int64)) * Lmax
+    else:
+        seed = 0
+        drop_rows = offs_m.to(tl.int64)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kpm_base,
+                     drop_rows, seed, 0, n_full, n_end, qk_scale, p_drop, keep_scale, offs_n,
+                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, False, DROPOUT, DOT_PREC)
+    dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kpm_base,
+                     drop_rows, seed, n_full, n_end, n_end, qk_scale, p_drop, keep_scale, offs_n,
+                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, True, DROPOUT, DOT_PREC)
+    _store_rows(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM,
+                EVEN_D)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout mask, materialised (for tests and debugging)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dropout_mask_kernel(OUT, SEED, plane, p_drop, BLOCK: tl.constexpr):
+    """``plane`` = Lmax * Lmax, computed on the host (an int64 argument once it needs one)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    num_heads = tl.num_programs(1)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    # ((b * H + h) * Lmax + i) * Lmax + j == (b * H + h) * Lmax * Lmax + (i * Lmax + j)
+    offset = (b.to(tl.int64) * num_heads + h) * plane + idx
+    keep = tl.rand(tl.load(SEED), offset) > p_drop
+    tl.store(OUT + offset, keep.to(tl.uint8), mask=idx < plane)
+
+
+def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int, p: float) -> torch.Tensor:
+    """The keep-mask the attention kernels draw for ``seed``: bool ``[batch, heads, L, L]``.
+
+    ``seqlen`` is ``L`` for the padded layout and ``max_seqlen`` for varlen; for a varlen batch the
+    mask of sequence ``b`` is ``mask[b, :, :len_b, :len_b]``. True means kept.
+    """
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        raise TypeError("seed must be an int64 tensor with one element")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    out = torch.empty(batch, heads, seqlen, seqlen, dtype=torch.uint8, device=seed.device)
+    if out.numel() == 0:
+        return out.bool()
+    block = 256 if _INTERPRET else 1024
+    grid = (triton.cdiv(seqlen * seqlen, block), heads, batch)
+    _dropout_mask_kernel[grid](out, seed, seqlen * seqlen, float(p), BLOCK=block)
+    return out.bool()
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; the batch stride of a packed tensor is 0."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _seq_bucket(n: int) -> int:
+    # Autotuning keyed on the exact length would retune for every varlen batch.
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+class _Layout:
+    """What the kernels need to know about the batch, computed once per call."""
+
+    def __init__(self, q: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor | None, max_seqlen: int):
+        self.varlen = cu_seqlens is not None
+        dummy = q
+        if self.varlen:
+            total, self.heads, self.head_dim = q.shape
+            self.batch = cu_seqlens.shape[0] - 1
+            self.seq_len = 0
+            self.lmax = int(max_seqlen)
+            self.lse_shape = (self.heads, total)
+            self.stride_lb, self.stride_lh = 0, total
+            self.cu = cu_seqlens.contiguous()
+        else:
+            self.batch, self.seq_len, self.heads, self.head_dim = q.shape
+            self.lmax = self.seq_len
+            self.lse_shape = (self.batch, self.heads, self.seq_len)
+            self.stride_lb, self.stride_lh = self.heads * self.seq_len, self.seq_len
+            self.cu = dummy
+        self.key_mask = key_padding_mask is not None and not self.varlen
+        if self.key_mask:
+            mask = key_padding_mask
+            if mask.stride(-1) != 1:
+                mask = mask.contiguous()
+            self.kpm = mask.view(torch.uint8)
+            self.stride_mb = self.kpm.stride(0)
+            # One past the last real key of each sequence, computed on the device (no sync).
+            pos = torch.arange(1, self.seq_len + 1, device=q.device, dtype=torch.int32)
+            if self.seq_len > 0:
+                self.kv_end = torch.where(mask, pos, 0).amax(dim=1).to(torch.int32)
+            else:
+                self.kv_end = pos
+        else:
+            self.kpm, self.kv_end, self.stride_mb = dummy, dummy, 0
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.even_d = self.block_d == self.head_dim
+        self.bucket = _seq_bucket(self.lmax)
+        # fp32 attention is the accuracy path: no TF32 truncation.
+        if q.dtype == torch.float32:
+            self.dot_prec = "ieee"
+        elif q.dtype == torch.bfloat16 and _INTERPRET:
+            self.dot_prec = "upcast"
+        else:
+            self.dot_prec = "tf32"
+
+    def empty(self) -> bool:
+        return self.batch == 0 or self.lmax == 0 or self.heads == 0
+
+    def check_limits(self, *tensors: torch.Tensor) -> None:
+        """Reject what the launch grid or the kernels' int32 in-sequence offsets cannot cover."""
+        if self.batch > 65535 or self.heads > 65535:
+            raise ValueError(f"attention kernels take at most 65535 sequences and heads per call, "
+                             f"got {self.batch} and {self.heads}")
+        token_dim = 0 if self.varlen else 1
+        widest = max(t.stride(token_dim) for t in tensors)
+        if (self.lmax + 256) * widest >= 2 ** 31:
+            raise ValueError(f"attention kernels: sequences of {self.lmax} tokens with a token "
+                             f"stride of {widest} elements overflow 32-bit offsets")
+
+    def grid(self, block: str):
+        return lambda meta: (triton.cdiv(self.lmax, meta[block]), self.heads, self.batch)
+
+    def constexprs(self, dropout: bool) -> dict:
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, EVEN_D=self.even_d,
+                    VARLEN=self.varlen, KEY_MASK=self.key_mask, DROPOUT=dropout,
+                    DOT_PREC=self.dot_prec)
+
+
+def _check_dropout(dropout_p: float, seed: torch.Tensor | None) -> bool:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
+        raise ValueError("dropout_p > 0 needs a one-element int64 seed tensor")
+    return dropout_p > 0.0
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_padding_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                  max_seqlen: int, scale: float, dropout_p: float,
+                  seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns ``(o, lse)``; inputs are assumed validated.
+
+    Padded layout when ``cu_seqlens`` is None (``q`` ``[B, L, H, D]``, optional
+    ``key_padding_mask``); varlen otherwise (``q`` ``[T, H, D]``, ``max_seqlen`` >= every length).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    lay = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    dropout = _check_dropout(dropout_p, seed)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
+    if lay.empty() or o.numel() == 0:
+        return o, lse.fill_(float("inf"))
+    lay.check_limits(q, k, v, o)
+    varlen = lay.varlen
+    _attn_fwd_kernel[lay.grid("BLOCK_M")](
+        q, k, v, o, lse, lay.kpm, lay.kv_end, lay.cu, seed if dropout else q,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+        lay.stride_mb, lay.stride_lb, lay.stride_lh,
+        lay.heads, lay.seq_len, lay.lmax, float(scale) * _LOG2E, float(dropout_p),
+        1.0 / (1.0 - dropout_p), lay.bucket,
+        **lay.constexprs(dropout),
+    )
+    return o, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  o: torch.Tensor, lse: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  cu_seqlens: torch.Tensor | None, max_seqlen: int, scale: float,
+                  dropout_p: float, seed: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels (delta, then dK/dV over key tiles, then dQ over query tiles).
+
+    Deterministic: no atomics. ``lse`` is the forward's; ``seed`` must be the forward's seed.
+    """
+    do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
+    lay = _Layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    dropout = _check_dropout(dropout_p, seed)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if lay.empty() or q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lay.check_limits(do, q, k, v, o, dq, dk, dv)
+    lse = lse.contiguous()
+    varlen = lay.varlen
+    delta = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
+    block_delta = 16 if _INTERPRET else 64
+    _bwd_delta_kernel[(triton.cdiv(lay.lmax, block_delta), lay.heads, lay.batch)](
+        o, do, delta, lay.cu, *_strides(o, varlen), *_strides(do, varlen),
+        lay.stride_lb, lay.stride_lh, lay.seq_len,
+        HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, VARLEN=varlen,
+        BLOCK_M=block_delta,
+    )
+    seed_arg = seed if dropout else q
+    common = (lay.stride_mb, lay.stride_lb, lay.stride_lh, lay.heads, lay.seq_len, lay.lmax,
+              float(scale) * _LOG2E, float(scale), float(dropout_p), 1.0 / (1.0 - dropout_p),
+              lay.bucket)
+    _attn_bwd_dkdv_kernel[lay.grid("BLOCK_N")](
+        q, k, v, do, dk, dv, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dk, varlen), *_strides(dv, varlen), *common,
+        **lay.constexprs(dropout),
+    )
+    _attn_bwd_dq_kernel[lay.grid("BLOCK_M")](
+        q, k, v, do, dq, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), *common,
+        **lay.constexprs(dropout),
+    )
+    return dq, dk, dv
