@@ -29,12 +29,5 @@ __all__ = [
 backends.native_module()
 
 from . import ops  # noqa: E402
-
-
-def __getattr__(name):
-    # patch/unpatch need transformers; import them on first use so `import roberta_fast` does not.
-    if name in ("patch", "unpatch"):
-        from . import patch as _patch_module
-
-        return getattr(_patch_module, name)
-    raise AttributeError(f"module 'roberta_fast' has no attribute {name!r}")
+# The functions shadow their module's name on the package; transformers loads on first use.
+from .patch import patch, unpatch  # noqa: E402

@@ -15,7 +15,8 @@ missing=$("$PY" - <<'PYEOF'
 import importlib.util
 wanted = {"triton": "triton", "pybind11": "pybind11", "ninja": "ninja", "numpy": "numpy",
           "rich": "rich", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
-          "transformers": "transformers", "matplotlib": "matplotlib", "setuptools": "setuptools"}
+          "transformers": "transformers", "accelerate": "accelerate", "matplotlib": "matplotlib",
+          "setuptools": "setuptools"}
 print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
 from transformers.models.roberta.modeling_roberta import RobertaOutput, RobertaSelfOutput
+from transformers.models.xlm_roberta.modeling_xlm_roberta import (XLMRobertaOutput,
+                                                                 XLMRobertaSelfOutput)
 
 from ..ops.layer_norm_residual import fused_residual_layer_norm
 
@@ -22,6 +24,8 @@ __all__ = [
     "FastRobertaOutput",
     "FastBertSelfOutput",
     "FastBertOutput",
+    "FastXLMRobertaSelfOutput",
+    "FastXLMRobertaOutput",
 ]
 
 
@@ -114,3 +118,15 @@ class FastBertOutput(_FusedOutputMixin, BertOutput):
     """``BertOutput`` with the fused dropout + residual + LayerNorm."""
 
     _stock = BertOutput
+
+
+class FastXLMRobertaSelfOutput(_FusedOutputMixin, XLMRobertaSelfOutput):
+    """``XLMRobertaSelfOutput`` with the fused dropout + residual + LayerNorm."""
+
+    _stock = XLMRobertaSelfOutput
+
+
+class FastXLMRobertaOutput(_FusedOutputMixin, XLMRobertaOutput):
+    """``XLMRobertaOutput`` with the fused dropout + residual + LayerNorm."""
+
+    _stock = XLMRobertaOutput

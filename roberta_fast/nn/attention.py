@@ -1,0 +1,306 @@
+"""Drop-in self-attention for Hugging Face RoBERTa, XLM-RoBERTa and BERT encoders.
+
+``FastRobertaSelfAttention.convert(module)`` swaps the class of a stock ``RobertaSelfAttention``
+instance in place (likewise ``FastBertSelfAttention`` / ``FastXLMRobertaSelfAttention``). The
+module keeps its ``query`` / ``key`` / ``value`` Linear layers and every attribute, so the
+state_dict is unchanged, and it stays an instance of the stock class, so Hugging Face's output
+hooks and ``isinstance`` checks keep working.
+
+The fast forward projects q, k, v to ``[B, L, heads, D]`` and runs ``ops.attention`` with a
+``[B, L]`` key-padding mask derived from whatever mask the encoder passes (the 4-D additive float
+mask of ``eager``, the 4-D bool mask of ``sdpa``, the 2-D mask of ``flash_attention_*``, or None).
+Three Linear calls are used rather than one fused QKV matmul: concatenating the weights on every
+call measured no faster on CPU and costs a weight-sized copy in forward and backward.
+
+Packed input: when the caller passes Hugging Face's ``cu_seq_lens_q`` (and optionally
+``max_length_q``) keyword arguments with hidden states of shape ``[1, T, H]``, each sequence
+attends only to itself through ``ops.attention_varlen``. The unpadded encoder mode
+(``roberta_fast.nn.encoder``) uses this.
+
+The stock forward runs instead (documented fallbacks, same results as before the swap) when:
+
+- attention probabilities are requested (``output_attentions``): the fused kernels never
+  materialize them;
+- the mask is not a pure key-padding mask (causal, arbitrary 4-D, a flex ``BlockMask``, an
+  additive bias other than 0 / large negative);
+- the module is causal (decoder configs) or a key/value cache is passed.
+
+Outputs at padded query positions are zeros here, where the stock module computes values that no
+real token ever reads; everything at real positions, losses and gradients match.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaSelfAttention
+
+from .. import backends as _backends
+
+__all__ = [
+    "FastRobertaSelfAttention",
+    "FastBertSelfAttention",
+    "FastXLMRobertaSelfAttention",
+    "key_padding_mask_from_attention_mask",
+    "attentions_requested",
+    "backend_scope",
+    "ClassSwapMixin",
+]
+
+# Additive masks block a key with a large negative value (HF uses finfo(dtype).min, older code
+# -10000); anything at or below this counts as "blocked", zero as "attend", the rest is a bias.
+_BLOCKED = -1.0e4
+
+
+def _op(name: str):
+    """``roberta_fast.ops.<name>`` as a callable, looked up at call time."""
+    import importlib
+
+    from .. import ops
+
+    fn = getattr(ops, name, None)
+    if not callable(fn):  # not re-exported by the package: take it from its own module
+        try:
+            fn = getattr(importlib.import_module(f"{ops.__name__}.attention"), name)
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"roberta_fast.ops.{name} is not available ({exc}); the fast "
+                               "attention module needs it") from exc
+    return fn
+
+
+def backend_scope(module: nn.Module):
+    """A context that pins the backend stored on ``module`` (``auto`` follows the global choice)."""
+    name = getattr(module, "_roberta_fast_backend", "auto")
+    if name == "auto":
+        return contextlib.nullcontext()
+    return _backends.use_backend(name)
+
+
+def _active_collector() -> dict | None:
+    """The dict Hugging Face's ``capture_outputs`` is filling during this forward, if any."""
+    try:
+        from transformers.utils.output_capturing import _active_collector as collector
+    except ImportError:  # older or newer transformers without this mechanism
+        return None
+    got = collector.get()
+    return got if isinstance(got, dict) else None
+
+
+def attentions_requested(kwargs: dict[str, Any]) -> bool:
+    """Whether this forward must produce attention probabilities.
+
+    True when ``output_attentions`` is passed down, or when Hugging Face's output collector is
+    recording ``attentions`` (``config.output_attentions=True`` arrives that way).
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    collected = _active_collector()
+    return collected is not None and "attentions" in collected
+
+
+# One-entry memo: every layer of an encoder gets the same mask tensor, so the value check (one
+# device sync) runs once per model forward instead of once per layer.
+_last_mask_check: tuple | None = None
+
+
+def _check_4d(mask: torch.Tensor, batch: int, seqlen: int):
+    """(usable, key-padding mask or None) for a 4-D mask; syncs with the device once."""
+    if mask.dtype == torch.bool:
+        keep = mask
+        values_ok = torch.ones((), dtype=torch.bool, device=mask.device)
+    elif mask.is_floating_point():
+        keep = mask == 0
+        values_ok = (keep | (mask <= _BLOCKED)).all()
+    else:
+        return False, None
+    row = keep[:, :1, :1, :]  # [B', 1, 1, L]
+    same = (keep == row).all()  # every head and query row sees the same keys
+    has_pad = ~row.all()
+    flags = torch.stack([values_ok, same, has_pad]).tolist()
+    if not (flags[0] and flags[1]):
+        return False, None
+    if not flags[2]:
+        return True, None
+    return True, row[:, 0, 0, :].expand(batch, seqlen)
+
+
+def key_padding_mask_from_attention_mask(attention_mask: Any, batch: int, seqlen: int
+                                         ) -> tuple[bool, torch.Tensor | None]:
+    """Read a ``[B, L]`` key-padding mask (True = real token) out of what an HF encoder passes.
+
+    Returns ``(usable, mask)``: ``usable`` is False when the mask is not a pure key-padding mask
+    (every query row of every head must see the same keys, blocked by ``False`` or a large negative
+    additive value); ``mask`` is None when nothing is padded.
+    """
+    global _last_mask_check
+    if attention_mask is None:
+        return True, None
+    if not isinstance(attention_mask, torch.Tensor):  # e.g. a flex-attention BlockMask
+        return False, None
+    if attention_mask.dim() == 2:
+        if tuple(attention_mask.shape) != (batch, seqlen):
+            return False, None
+        if attention_mask.dtype == torch.bool:
+            return True, attention_mask
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            return False, None
+        return True, attention_mask != 0
+    if attention_mask.dim() != 4:
+        return False, None
+    b, _, q, k = attention_mask.shape
+    if b not in (1, batch) or q not in (1, seqlen) or k != seqlen:
+        return False, None
+
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        memo = _last_mask_check
+        if (memo is not None and memo[0]() is attention_mask
+                and memo[1] == (attention_mask._version, batch, seqlen)):
+            return memo[2]
+    result = _check_4d(attention_mask, batch, seqlen)
+    if not compiling:
+        _last_mask_check = (weakref.ref(attention_mask), (attention_mask._version, batch, seqlen),
+                            result)
+    return result
+
+
+class ClassSwapMixin:
+    """``convert`` / ``revert`` by swapping an instance's class in place.
+
+    The fast class subclasses the stock one and adds no parameters or buffers, so the instance
+    keeps its weights (same tensor objects), state_dict keys, hooks and ``isinstance`` identity.
+    """
+
+    _stock_class: type = nn.Module  # set by each concrete class
+
+    @classmethod
+    def convert(cls, module: nn.Module, *, backend: str = "auto") -> nn.Module:
+        """Swap ``module`` (an instance of the stock class) to this class in place; return it.
+
+        ``backend`` pins the op backend for this module (``auto`` follows the global choice).
+        Converting a module that is already of this class only updates ``backend``.
+        """
+        stock = cls._stock_class
+        if type(module) is not cls:
+            if type(module) is not stock:
+                raise TypeError(f"{cls.__name__}.convert expects a {stock.__module__}."
+                                f"{stock.__name__}; got {type(module).__module__}."
+                                f"{type(module).__name__}")
+            module.__class__ = cls
+        module._roberta_fast_backend = backend
+        return module
+
+    @classmethod
+    def revert(cls, module: nn.Module) -> nn.Module:
+        """Swap a converted module back to the stock class in place; return it."""
+        if type(module) is cls:
+            module.__class__ = cls._stock_class
+            module.__dict__.pop("_roberta_fast_backend", None)
+        return module
+
+
+class _FastSelfAttentionMixin(ClassSwapMixin):
+    """The forward shared by the fast self-attention classes (stock HF signature of 5.x)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        stock = super().forward  # the replaced class's forward, next in the MRO
+        if (past_key_values is not None or getattr(self, "is_causal", False)
+                or attentions_requested(kwargs)):
+            return stock(hidden_states, attention_mask, past_key_values, **kwargs)
+
+        dropout_p = self.dropout.p if self.training else 0.0
+        scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
+        heads, head_dim = self.num_attention_heads, self.attention_head_size
+
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None:
+            return self._forward_packed(hidden_states, attention_mask, cu_seqlens, kwargs,
+                                        dropout_p, scale), None
+
+        if hidden_states.dim() != 3:
+            raise ValueError(f"{type(self).__name__} expects hidden_states [batch, seqlen, hidden]; "
+                             f"got shape {tuple(hidden_states.shape)}")
+        batch, seqlen, _ = hidden_states.shape
+        usable, key_padding = key_padding_mask_from_attention_mask(attention_mask, batch, seqlen)
+        if not usable:
+            return stock(hidden_states, attention_mask, past_key_values, **kwargs)
+
+        shape = (batch, seqlen, heads, head_dim)
+        q = self.query(hidden_states).view(shape)
+        k = self.key(hidden_states).view(shape)
+        v = self.value(hidden_states).view(shape)
+        with backend_scope(self):
+            out = _op("attention")(q, k, v, key_padding_mask=key_padding, dropout_p=dropout_p,
+                                   scale=scale)
+        return out.reshape(batch, seqlen, heads * head_dim), None
+
+    def _forward_packed(self, hidden_states, attention_mask, cu_seqlens, kwargs, dropout_p,
+                        scale) -> torch.Tensor:
+        """Sequences packed end to end in ``[1, T, H]`` (or ``[T, H]``), bounded by ``cu_seqlens``."""
+        if attention_mask is not None:
+            raise ValueError("cu_seq_lens_q marks packed sequences, so attention_mask must be None; "
+                             "pass one or the other")
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu_seqlens and not torch.equal(cu_k, cu_seqlens):
+            raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q; self-attention needs them "
+                             "equal")
+        if hidden_states.dim() == 3 and hidden_states.shape[0] == 1:
+            lead = (1,)
+        elif hidden_states.dim() == 2:
+            lead = ()
+        else:
+            raise ValueError("packed sequences (cu_seq_lens_q given) need hidden_states of shape "
+                             f"[1, total_tokens, hidden]; got {tuple(hidden_states.shape)}")
+        total = hidden_states.shape[-2]
+        max_seqlen = kwargs.get("max_length_q")
+        if cu_seqlens.dtype != torch.int32:
+            cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        heads, head_dim = self.num_attention_heads, self.attention_head_size
+        x = hidden_states.reshape(total, hidden_states.shape[-1])
+        shape = (total, heads, head_dim)
+        q = self.query(x).view(shape)
+        k = self.key(x).view(shape)
+        v = self.value(x).view(shape)
+        with backend_scope(self):
+            out = _op("attention_varlen")(q, k, v, cu_seqlens, int(max_seqlen),
+                                          dropout_p=dropout_p, scale=scale)
+        return out.reshape(*lead, total, heads * head_dim)
+
+
+
+class FastRobertaSelfAttention(_FastSelfAttentionMixin, RobertaSelfAttention):
+    """``RobertaSelfAttention`` whose forward runs ``roberta_fast.ops.attention``.
+
+    See the module docstring for when it runs the stock forward instead.
+    """
+
+    _stock_class = RobertaSelfAttention
+
+
+class FastBertSelfAttention(_FastSelfAttentionMixin, BertSelfAttention):
+    """``BertSelfAttention`` whose forward runs ``roberta_fast.ops.attention``."""
+
+    _stock_class = BertSelfAttention
+
+
+class FastXLMRobertaSelfAttention(_FastSelfAttentionMixin, XLMRobertaSelfAttention):
+    """``XLMRobertaSelfAttention`` whose forward runs ``roberta_fast.ops.attention``."""
+
+    _stock_class = XLMRobertaSelfAttention
+
+
+#: stock class -> fast class, for ``roberta_fast.patch``.
+FAST_CLASSES: dict[type, type] = {
+    RobertaSelfAttention: FastRobertaSelfAttention,
+    BertSelfAttention: FastBertSelfAttention,
+    XLMRobertaSelfAttention: FastXLMRobertaSelfAttention,
+}

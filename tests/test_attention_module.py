@@ -1,0 +1,264 @@
+"""FastRobertaSelfAttention (and the BERT / XLM-R twins) against the stock Hugging Face module."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import BertConfig, RobertaConfig, XLMRobertaConfig  # noqa: E402
+from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
+from transformers.models.bert.modeling_bert import BertSelfAttention  # noqa: E402
+from transformers.models.roberta.modeling_roberta import RobertaSelfAttention  # noqa: E402
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaSelfAttention  # noqa: E402
+
+import roberta_fast.ops as ops  # noqa: E402
+from roberta_fast.nn.attention import (  # noqa: E402
+    FastBertSelfAttention,
+    FastRobertaSelfAttention,
+    FastXLMRobertaSelfAttention,
+    _op,
+    key_padding_mask_from_attention_mask,
+)
+from tests.helpers import assert_close, randn  # noqa: E402
+
+FAMILIES = {
+    "roberta": (RobertaConfig, RobertaSelfAttention, FastRobertaSelfAttention),
+    "bert": (BertConfig, BertSelfAttention, FastBertSelfAttention),
+    "xlm-roberta": (XLMRobertaConfig, XLMRobertaSelfAttention, FastXLMRobertaSelfAttention),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(family, impl, hidden=48, heads=4, dropout=0.0):
+    cfg_cls = FAMILIES[family][0]
+    cfg = cfg_cls(vocab_size=100, hidden_size=hidden, num_hidden_layers=1,
+                  num_attention_heads=heads, intermediate_size=2 * hidden,
+                  attention_probs_dropout_prob=dropout, hidden_dropout_prob=0.0)
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def _padding(batch, seqlen):
+    """A [B, L] int mask with a full row, a length-1 row and random lengths."""
+    lengths = torch.randint(1, seqlen + 1, (batch,))
+    lengths[0] = seqlen
+    lengths[-1] = 1
+    return (torch.arange(seqlen)[None] < lengths[:, None]).long()
+
+
+def _hf_mask(cfg, hidden, mask2d):
+    return create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d)
+
+
+def _assert_grads(got, ref, base):
+    """assert_close per parameter; gradients that are exactly zero in exact arithmetic (the key
+    bias, whose shift softmax cancels; the query weights when each row has one key) are judged by
+    their size against the largest gradient instead of relatively."""
+    scale = max(float(g.norm()) for g in ref.values())
+    for name in ref:
+        if float(ref[name].norm()) < 1e-7 * scale:
+            err = float((got[name].double() - ref[name]).norm()) / scale
+            assert err < 1e-6, f"grad {name}: {err:.3e} of the largest gradient, should be ~0"
+        else:
+            assert_close(got[name], ref[name], baseline=base[name], name=f"grad {name}")
+
+
+class _Counter:
+    """Counts calls of an op while forwarding to it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def count_ops(monkeypatch):
+    counters = {name: _Counter(_op(name)) for name in ("attention", "attention_varlen")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(ops, name, counter, raising=False)
+    return counters
+
+
+def _run(module, hidden, mask, real, upstream):
+    """Output at real positions and grads of the input and every parameter."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out, _ = module(hidden, attention_mask=mask)
+    (out * upstream * real[..., None]).sum().backward()
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return out * real[..., None], hidden.grad, grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch,seqlen,hidden_size,heads", [(3, 7, 48, 4), (4, 13, 32, 2),
+                                                             (2, 1, 32, 4)])
+def test_matches_stock(family, impl, batch, seqlen, hidden_size, heads, count_ops):
+    cfg = _config(family, impl, hidden_size, heads)
+    stock = FAMILIES[family][1](cfg).eval()
+    fast = FAMILIES[family][2].convert(copy.deepcopy(stock))
+    ref = copy.deepcopy(stock).double()
+
+    mask2d = _padding(batch, seqlen)
+    real = mask2d.bool()
+    hidden = randn(batch, seqlen, hidden_size)
+    upstream = randn(batch, seqlen, hidden_size)
+
+    cfg64 = copy.deepcopy(cfg)
+    out_ref, gx_ref, g_ref = _run(ref, hidden.double(), _hf_mask(cfg64, hidden.double(), mask2d),
+                                  real, upstream.double())
+    mask = _hf_mask(cfg, hidden, mask2d)
+    out_base, gx_base, g_base = _run(stock, hidden, mask, real, upstream)
+    calls = count_ops["attention"].calls
+    out, gx, g = _run(fast, hidden, mask, real, upstream)
+    assert count_ops["attention"].calls == calls + 1, "the fast path did not run"
+
+    assert_close(out, out_ref, baseline=out_base, name="output")
+    assert_close(gx, gx_ref, baseline=gx_base, name="grad hidden")
+    _assert_grads(g, g_ref, g_base)
+
+
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_mask_forms(family, count_ops):
+    """2-D (flash-style), None and integer masks give the stock result on the fast path."""
+    cfg = _config(family, "eager")
+    stock = FAMILIES[family][1](cfg).eval()
+    fast = FAMILIES[family][2].convert(copy.deepcopy(stock))
+    batch, seqlen = 3, 9
+    mask2d = _padding(batch, seqlen)
+    hidden = randn(batch, seqlen, cfg.hidden_size)
+    real = mask2d.bool()[..., None]
+    with torch.no_grad():
+        want = stock(hidden, attention_mask=_hf_mask(cfg, hidden, mask2d))[0] * real
+        for given in (mask2d.bool(), mask2d):
+            got = fast(hidden, attention_mask=given)[0] * real
+            assert_close(got, want, name="2-D mask")
+        assert_close(fast(hidden)[0], stock(hidden)[0], name="no mask")
+    assert count_ops["attention"].calls == 3
+
+
+def test_key_padding_mask_derivation():
+    cfg = _config("roberta", "eager")
+    batch, seqlen = 3, 6
+    mask2d = _padding(batch, seqlen)
+    hidden = randn(batch, seqlen, cfg.hidden_size)
+    for impl in ("eager", "sdpa"):
+        cfg._attn_implementation = impl
+        ok, kpm = key_padding_mask_from_attention_mask(_hf_mask(cfg, hidden, mask2d), batch, seqlen)
+        assert ok and torch.equal(kpm, mask2d.bool())
+        full = torch.ones(batch, seqlen, dtype=torch.long)
+        ok, kpm = key_padding_mask_from_attention_mask(_hf_mask(cfg, hidden, full), batch, seqlen)
+        assert ok and kpm is None
+    causal = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool))[None, None]
+    assert key_padding_mask_from_attention_mask(causal, batch, seqlen) == (False, None)
+    bias = randn(batch, 1, seqlen, seqlen)
+    assert key_padding_mask_from_attention_mask(bias, batch, seqlen) == (False, None)
+    # The old -10000 convention still reads as padding.
+    old = (1.0 - mask2d[:, None, None, :].float()) * -10000.0
+    ok, kpm = key_padding_mask_from_attention_mask(old, batch, seqlen)
+    assert ok and torch.equal(kpm, mask2d.bool())
+    assert key_padding_mask_from_attention_mask(mask2d[:, :-1], batch, seqlen) == (False, None)
+    assert key_padding_mask_from_attention_mask(mask2d.float(), batch, seqlen) == (False, None)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_non_padding_masks_fall_back_to_stock(impl, count_ops):
+    cfg = _config("roberta", impl)
+    stock = RobertaSelfAttention(cfg).eval()
+    fast = FastRobertaSelfAttention.convert(copy.deepcopy(stock))
+    batch, seqlen = 2, 5
+    hidden = randn(batch, seqlen, cfg.hidden_size)
+    causal = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool))[None, None].expand(
+        batch, 1, seqlen, seqlen)
+    masks = [causal, torch.where(causal, 0.0, torch.finfo(torch.float32).min)]
+    if impl == "eager":
+        masks.append(randn(batch, 1, seqlen, seqlen))  # an additive bias
+    with torch.no_grad():
+        for mask in masks:
+            assert_close(fast(hidden, attention_mask=mask)[0], stock(hidden, attention_mask=mask)[0],
+                         name="fallback")
+    assert count_ops["attention"].calls == 0
+
+
+def test_output_attentions_takes_stock_path(count_ops):
+    cfg = _config("roberta", "eager")
+    stock = RobertaSelfAttention(cfg).eval()
+    fast = FastRobertaSelfAttention.convert(copy.deepcopy(stock))
+    hidden = randn(2, 5, cfg.hidden_size)
+    mask2d = _padding(2, 5)
+    mask = _hf_mask(cfg, hidden, mask2d)
+    with torch.no_grad():
+        out, probs = fast(hidden, attention_mask=mask, output_attentions=True)
+        want, want_probs = stock(hidden, attention_mask=mask, output_attentions=True)
+    assert probs is not None and probs.shape == (2, cfg.num_attention_heads, 5, 5)
+    assert_close(probs, want_probs, name="probs")
+    assert_close(out, want, name="output")
+    assert count_ops["attention"].calls == 0
+
+
+def test_packed_sequences_match_per_sequence_stock(count_ops):
+    cfg = _config("roberta", "eager")
+    stock = RobertaSelfAttention(cfg).eval()
+    fast = FastRobertaSelfAttention.convert(copy.deepcopy(stock))
+    lengths = [5, 1, 8, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    hidden = randn(1, sum(lengths), cfg.hidden_size, requires_grad=True)
+    out, _ = fast(hidden, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8)
+    pieces = [stock(hidden[:, cu[i]:cu[i + 1]])[0] for i in range(len(lengths))]
+    want = torch.cat(pieces, dim=1)
+    assert count_ops["attention_varlen"].calls == 1
+    assert_close(out, want, name="packed output")
+    upstream = randn(*out.shape)
+    g, = torch.autograd.grad((out * upstream).sum(), hidden)
+    g_want, = torch.autograd.grad((want * upstream).sum(), hidden)
+    assert_close(g, g_want, name="packed grad")
+    with pytest.raises(ValueError, match="attention_mask must be None"):
+        fast(hidden, attention_mask=torch.ones(1, hidden.shape[1]), cu_seq_lens_q=cu)
+
+
+def test_dropout_in_training_is_random_and_finite():
+    cfg = _config("roberta", "sdpa", dropout=0.5)
+    fast = FastRobertaSelfAttention.convert(RobertaSelfAttention(cfg)).train()
+    hidden = randn(2, 9, cfg.hidden_size, requires_grad=True)
+    a, _ = fast(hidden)
+    b, _ = fast(hidden)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    a.sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+    fast.eval()
+    with torch.no_grad():
+        assert torch.equal(fast(hidden)[0], fast(hidden)[0])
+
+
+def test_convert_keeps_identity_and_reverts():
+    cfg = _config("roberta", "eager")
+    module = RobertaSelfAttention(cfg)
+    params = {n: p for n, p in module.named_parameters()}
+    keys = list(module.state_dict())
+    FastRobertaSelfAttention.convert(module)
+    assert type(module) is FastRobertaSelfAttention and isinstance(module, RobertaSelfAttention)
+    assert list(module.state_dict()) == keys
+    assert all(p is params[n] for n, p in module.named_parameters())
+    FastRobertaSelfAttention.convert(module)  # converting twice is harmless
+    FastRobertaSelfAttention.revert(module)
+    assert type(module) is RobertaSelfAttention
+
+
+def test_convert_rejects_other_modules():
+    with pytest.raises(TypeError, match="RobertaSelfAttention"):
+        FastRobertaSelfAttention.convert(torch.nn.Linear(2, 2))
+    bert = BertSelfAttention(_config("bert", "eager"))
+    with pytest.raises(TypeError, match="BertSelfAttention"):
+        FastRobertaSelfAttention.convert(bert)
+    assert type(bert) is BertSelfAttention

@@ -1,0 +1,471 @@
+"""roberta_fast.patch / unpatch on Hugging Face RoBERTa, XLM-RoBERTa and BERT models."""
+from __future__ import annotations
+
+import copy
+import importlib
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import roberta_fast.backends as rf_backends  # noqa: E402
+from roberta_fast.nn.attention import _FastSelfAttentionMixin, _op  # noqa: E402
+from roberta_fast.nn.encoder import FastRobertaEncoder  # noqa: E402
+from roberta_fast.patch import is_patched, patch, unpatch  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+
+HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+         "ForQuestionAnswering", "ForMultipleChoice"]
+FAMILIES = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "bert": "Bert"}
+VOCAB = 100
+PAD = 1
+
+OPTION_SETS = {
+    "attention": dict(attention=True, layer_norm=False, mlm_loss=False),
+    "layer_norm": dict(attention=False, layer_norm=True, mlm_loss=False),
+    "mlm_loss": dict(attention=False, layer_norm=False, mlm_loss=True),
+    "unpad": dict(attention=True, layer_norm=False, mlm_loss=False, unpad=True),
+    "all": dict(),
+    "all+unpad": dict(unpad=True),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def needs(options: dict, family: str = "roberta", head: str = "ForMaskedLM") -> None:
+    """Skip, saying so, when an option's module (or its twin for ``family``) is not in this tree."""
+    wanted = {"layer_norm": ("layer_norm_residual", "SelfOutput"),
+              "mlm_loss": ("masked_lm_loss", "ForMaskedLM")}
+    for option, (module, suffix) in wanted.items():
+        if not options.get(option, True) or (option == "mlm_loss" and head != "ForMaskedLM"):
+            continue  # mlm_loss only touches *ForMaskedLM models
+        try:
+            mod = importlib.import_module(f"roberta_fast.nn.{module}")
+        except ImportError:
+            pytest.skip(f"NOT RUN: roberta_fast.nn.{module} is not in this tree ({option}=True)")
+        twin = f"Fast{FAMILIES[family]}{suffix}"
+        if not hasattr(mod, twin):
+            pytest.skip(f"NOT RUN: roberta_fast.nn.{module} has no {twin} ({option}=True)")
+
+
+def make_config(family: str, *, dropout: float = 0.0, impl: str = "sdpa", num_labels: int = 3,
+                **over):
+    hidden, heads = random.choice([(32, 2), (48, 4), (64, 4)])
+    cls = getattr(transformers, f"{FAMILIES[family]}Config")
+    kwargs = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
+                  num_attention_heads=heads, intermediate_size=2 * hidden,
+                  max_position_embeddings=64, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, pad_token_id=PAD, num_labels=num_labels,
+                  attn_implementation=impl)
+    kwargs.update(over)
+    return cls(**kwargs)
+
+
+def make_model(family: str, head: str, **config_kwargs):
+    cls = getattr(transformers, f"{FAMILIES[family]}{head}")
+    if head == "ForQuestionAnswering":
+        config_kwargs.setdefault("num_labels", 2)  # start and end logits
+    return cls(make_config(family, **config_kwargs))
+
+
+def make_batch(head: str, *, batch: int = 3, seqlen: int = 11, pad: bool = True,
+               choices: int = 2) -> dict:
+    """Random ids with right padding (a full row, a length-1 row) and labels for ``head``."""
+    shape = (batch * choices, seqlen) if head == "ForMultipleChoice" else (batch, seqlen)
+    lengths = torch.randint(2, seqlen + 1, (shape[0],))
+    if pad:
+        lengths[0], lengths[-1] = seqlen, 1
+    else:
+        lengths[:] = seqlen
+    mask = (torch.arange(seqlen)[None] < lengths[:, None]).long()
+    ids = torch.randint(3, VOCAB, shape)
+    ids[:, 0] = 0
+    ids[mask == 0] = PAD
+    out = {"input_ids": ids, "attention_mask": mask}
+    if head == "ForMaskedLM":
+        labels = torch.where(torch.rand(shape) < 0.3, ids, torch.full_like(ids, -100))
+        labels[mask == 0] = -100
+        labels[0, 1] = ids[0, 1]  # at least one masked token
+        out["labels"] = labels
+    elif head == "ForSequenceClassification":
+        out["labels"] = torch.randint(0, 3, (batch,))
+    elif head == "ForTokenClassification":
+        labels = torch.randint(0, 3, shape)
+        labels[mask == 0] = -100
+        out["labels"] = labels
+    elif head == "ForQuestionAnswering":
+        out["start_positions"] = (torch.rand(batch) * lengths).long()
+        out["end_positions"] = (torch.rand(batch) * lengths).long()
+    elif head == "ForMultipleChoice":
+        out = {k: v.view(batch, choices, seqlen) for k, v in out.items()}
+        out["labels"] = torch.randint(0, choices, (batch,))
+    return out
+
+
+def real_positions(batch: dict) -> torch.Tensor:
+    return batch["attention_mask"].bool()
+
+
+def objective(model, batch: dict, **kwargs):
+    """Forward; a scalar to differentiate (the loss, or a fixed projection of real outputs)."""
+    out = model(**batch, **kwargs)
+    if getattr(out, "loss", None) is not None:
+        return out, out.loss
+    real = real_positions(batch)[..., None]
+    gen = torch.Generator().manual_seed(0)  # same projection for both models of one case
+    weight = torch.randn(out.last_hidden_state.shape, generator=gen,
+                         dtype=out.last_hidden_state.dtype)
+    value = (out.last_hidden_state * real * weight).sum() + out.pooler_output.sum()
+    return out, value
+
+
+def _check(name: str, got, want, base, tol: float) -> None:
+    """``got`` (fast, fp32) against ``want`` (stock, fp64): under ``tol``, or no worse than twice
+    the stock fp32 model's own error ``base`` (sums over many positions, such as the token-type
+    embedding gradient, cancel and lose relative precision in any fp32 run)."""
+    err, base_err = rel_err(got, want), rel_err(base, want)
+    assert err < max(tol, 2 * base_err), (
+        f"{name}: rel err {err:.2e} (stock fp32: {base_err:.2e}, tol {tol:.0e})")
+
+
+def compare(stock, fast, batch: dict, *, tol: float = 1e-5, check_logits: bool = True, **kwargs):
+    """Forward + backward of both models against the stock model run in float64: losses,
+    real-position outputs and every parameter gradient agree."""
+    ref = copy.deepcopy(stock).double()
+    outs, grads = [], []
+    for model in (ref, stock, fast):
+        model.zero_grad(set_to_none=True)
+        out, value = objective(model, batch, **kwargs)
+        assert torch.isfinite(value)
+        value.backward()
+        outs.append((out, value))
+        grads.append({n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                      for n, p in model.named_parameters()})
+    (out_r, val_r), (out_s, val_s), (out_f, val_f) = outs
+    _check("loss/objective", val_f, val_r, val_s, tol)
+    real = real_positions(batch)
+    for key in ("last_hidden_state", "logits", "start_logits", "end_logits"):
+        a, b, r = (getattr(o, key, None) for o in (out_f, out_s, out_r))
+        if a is None or b is None or not check_logits or a.shape != b.shape:
+            continue
+        if a.dim() >= real.dim() and a.shape[:real.dim()] == real.shape:
+            a, b, r = a[real], b[real], r[real]
+        _check(key, a, r, b, tol)
+    g_ref, g_stock, g_fast = grads
+    scale = max(float(g.norm()) for g in g_ref.values())
+    assert scale > 0
+    for name, want in g_ref.items():
+        if float(want.norm()) < 1e-7 * scale:
+            # Vanishes in exact arithmetic (the key bias; the multiple-choice classifier bias):
+            # judged against the largest gradient, next to the stock fp32 model's own noise.
+            err = float((g_fast[name].double() - want).norm()) / scale
+            base_err = float((g_stock[name].double() - want).norm()) / scale
+            assert err < max(tol, 2 * base_err), (
+                f"grad {name}: {err:.2e} of the largest gradient (stock fp32: {base_err:.2e})")
+        else:
+            _check(f"grad {name}", g_fast[name], want, g_stock[name], tol)
+    return out_s, out_f
+
+
+def stock_and_patched(family, head, options=None, **config_kwargs):
+    stock = make_model(family, head, **config_kwargs).eval()
+    fast = patch(copy.deepcopy(stock), **(options or {}))
+    return stock, fast
+
+
+def _batch_for(head):
+    # QA losses run a softmax over every position, padding included, and padded positions are
+    # where the patched model's values differ; its loss is compared on unpadded batches.
+    return make_batch(head, pad=head != "ForQuestionAnswering")
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+def test_roberta_heads_match_stock(head, option_set):
+    options = OPTION_SETS[option_set]
+    needs(options, "roberta", head)
+    stock, fast = stock_and_patched("roberta", head, options)
+    mlm_fast_loss = head == "ForMaskedLM" and options.get("mlm_loss", True)
+    compare(stock, fast, _batch_for(head), check_logits=not mlm_fast_loss)
+
+
+@pytest.mark.parametrize("family", ["xlm-roberta", "bert"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("option_set", ["attention", "all", "all+unpad"])
+def test_other_families_match_stock(family, head, option_set):
+    options = OPTION_SETS[option_set]
+    needs(options, family, head)
+    stock, fast = stock_and_patched(family, head, options)
+    mlm_fast_loss = head == "ForMaskedLM" and options.get("mlm_loss", True)
+    compare(stock, fast, _batch_for(head), check_logits=not mlm_fast_loss)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_question_answering_real_positions_on_padded_batch(unpad):
+    stock, fast = stock_and_patched("roberta", "ForQuestionAnswering",
+                                    dict(layer_norm=False, unpad=unpad))
+    batch = make_batch("ForQuestionAnswering")
+    batch.pop("start_positions"), batch.pop("end_positions")
+    real = real_positions(batch)
+    with torch.no_grad():
+        a, b = fast(**batch), stock(**batch)
+    assert rel_err(a.start_logits[real], b.start_logits[real]) < 1e-5
+    assert rel_err(a.end_logits[real], b.end_logits[real]) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attn_implementations(impl):
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False), impl=impl)
+    compare(stock, fast, make_batch("ForSequenceClassification"))
+
+
+def test_fast_path_runs(monkeypatch):
+    """The patched model really calls the fused ops (padded and unpadded)."""
+    calls = {"attention": 0, "attention_varlen": 0}
+    import roberta_fast.ops as ops
+
+    for name in calls:
+        fn = _op(name)
+
+        def counting(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counting, raising=False)
+    model = patch(make_model("roberta", "Model").eval(), layer_norm=False, mlm_loss=False)
+    batch = make_batch("Model")
+    model(**batch)
+    assert calls == {"attention": 2, "attention_varlen": 0}
+    patch(model, layer_norm=False, mlm_loss=False, unpad=True)
+    model(**batch)
+    assert calls == {"attention": 2, "attention_varlen": 2}
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_unpatch_restores_classes_and_outputs(unpad):
+    options = dict(unpad=unpad)
+    needs(options)
+    model = make_model("roberta", "ForMaskedLM").eval()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    batch = make_batch("ForMaskedLM")
+    with torch.no_grad():
+        before = model(**batch)
+    patch(model, **options)
+    assert is_patched(model)
+    assert any(type(m) is not classes[n] for n, m in model.named_modules())
+    assert unpatch(model) is model
+    assert not is_patched(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    with torch.no_grad():
+        after = model(**batch)
+    assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
+    assert unpatch(model) is model  # unpatching a stock model is a no-op
+
+
+def test_state_dict_and_parameter_identity():
+    model = make_model("roberta", "ForMaskedLM")
+    state = model.state_dict()
+    params = list(model.parameters())
+    patch(model, layer_norm=False, mlm_loss=False, unpad=True)
+    new_state = model.state_dict()
+    assert list(new_state) == list(state)
+    assert all(new_state[k] is state[k] or new_state[k].data_ptr() == state[k].data_ptr()
+               for k in state)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+
+
+def test_optimizer_made_before_patch_keeps_working():
+    model = make_model("roberta", "ForSequenceClassification").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    patch(model, layer_norm=False, mlm_loss=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(**make_batch("ForSequenceClassification")).loss.backward()
+    optimizer.step()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "roberta.encoder.layer.0.attention.self.query.weight" in moved
+    assert len(moved) > len(before) // 2
+
+
+@pytest.mark.parametrize("family,head", [("roberta", "ForMaskedLM"), ("bert", "Model")])
+def test_save_pretrained_loads_in_stock_transformers(tmp_path, family, head):
+    options = dict(layer_norm=False, mlm_loss=False, unpad=True)
+    model = patch(make_model(family, head).eval(), **options)
+    model.save_pretrained(tmp_path)
+    stock_cls = getattr(transformers, f"{FAMILIES[family]}{head}")
+    loaded = stock_cls.from_pretrained(tmp_path).eval()
+    assert not any(type(m).__module__.startswith("roberta_fast") for m in loaded.modules())
+    mine = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, mine[key]), key
+    auto = transformers.AutoModel.from_pretrained(tmp_path)
+    assert auto.config.model_type == model.config.model_type
+
+
+@pytest.mark.parametrize("bad", ["gpt2", "linear", "string"])
+def test_unpatchable_models_raise_and_stay_unchanged(bad):
+    if bad == "gpt2":
+        model = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    elif bad == "linear":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    else:
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            patch("roberta-base")
+        return
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match=type(model).__name__):
+        patch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert not is_patched(model)
+
+
+def test_bad_options_raise_and_change_nothing():
+    model = make_model("roberta", "ForMaskedLM")
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="unpad=True needs attention=True"):
+        patch(model, attention=False, unpad=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        patch(model, backend="nope")
+    with pytest.raises(ValueError, match="mlm_logits"):
+        patch(model, mlm_logits="some")
+    with pytest.raises(TypeError, match="attention"):
+        patch(model, attention="yes")
+    if not torch.cuda.is_available():
+        with pytest.raises(rf_backends.BackendUnavailableError):
+            patch(model, backend="cuda")
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_failure_mid_patch_leaves_model_stock(monkeypatch):
+    model = make_model("roberta", "Model")
+    classes = {n: type(m) for n, m in model.named_modules()}
+
+    def broken(module, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FastRobertaEncoder, "convert", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        patch(model, layer_norm=False, mlm_loss=False, unpad=True)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert not is_patched(model)
+
+
+def test_second_patch_is_noop_and_new_options_reapply():
+    options = dict(layer_norm=False, mlm_loss=False)
+    stock = make_model("roberta", "ForTokenClassification").eval()
+    model = patch(copy.deepcopy(stock), **options)
+    record = model._roberta_fast_patch
+    classes = [type(m) for m in model.modules()]
+    assert patch(model, **options) is model
+    assert model._roberta_fast_patch is record
+    assert [type(m) for m in model.modules()] == classes
+    patch(model, unpad=True, **options)  # other options: unpatched and patched again
+    assert isinstance(model.roberta.encoder, FastRobertaEncoder)
+    assert model._roberta_fast_patch["options"]["unpad"] is True
+    compare(stock, model, make_batch("ForTokenClassification"))
+    patch(model, **options)
+    assert not isinstance(model.roberta.encoder, FastRobertaEncoder)
+    assert isinstance(model.roberta.encoder.layer[0].attention.self, _FastSelfAttentionMixin)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+@pytest.mark.parametrize("family", ["roberta", "bert"])
+def test_output_hidden_states(unpad, family):
+    stock, fast = stock_and_patched(family, "Model", dict(layer_norm=False, unpad=unpad))
+    batch = make_batch("Model")
+    real = real_positions(batch)
+    with torch.no_grad():
+        a = fast(**batch, output_hidden_states=True)
+        b = stock(**batch, output_hidden_states=True)
+    assert len(a.hidden_states) == len(b.hidden_states) == 3
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert x.shape == y.shape
+        assert rel_err(x[real], y[real]) < 1e-5
+    if unpad:
+        assert all(torch.count_nonzero(h[~real]) == 0 for h in a.hidden_states[1:])
+    # Selecting one layer by index works as in stock.
+    with torch.no_grad():
+        c = fast(**batch, output_hidden_states=[-2])
+    assert len(c.hidden_states) == 3 and c.hidden_states[0] is None and c.hidden_states[2] is None
+    assert rel_err(c.hidden_states[1][real], b.hidden_states[1][real]) < 1e-5
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_output_attentions_falls_back_to_stock(unpad):
+    stock, fast = stock_and_patched("roberta", "Model", dict(layer_norm=False, unpad=unpad),
+                                    impl="eager")
+    batch = make_batch("Model")
+    with torch.no_grad():
+        a = fast(**batch, output_attentions=True)
+        b = stock(**batch, output_attentions=True)
+    assert len(a.attentions) == 2
+    for x, y in zip(a.attentions, b.attentions):
+        assert rel_err(x, y) < 1e-5
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_gradient_checkpointing(unpad):
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False, mlm_loss=False, unpad=unpad))
+    for m in (stock, fast):
+        m.gradient_checkpointing_enable()
+        m.train()  # dropout is 0, so train mode is deterministic
+    assert fast.roberta.encoder.layer[0].gradient_checkpointing
+    compare(stock, fast, make_batch("ForSequenceClassification"))
+
+
+def test_backend_pin(monkeypatch):
+    seen = []
+    import roberta_fast.ops as ops
+
+    fn = _op("attention")
+
+    def recording(*args, **kwargs):
+        seen.append(rf_backends.current())
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", recording, raising=False)
+    model = patch(make_model("roberta", "Model").eval(), layer_norm=False, mlm_loss=False,
+                  backend="reference")
+    outside = rf_backends.current()
+    model(**make_batch("Model"))
+    assert seen == ["reference", "reference"]
+    assert rf_backends.current() == outside  # the pin ends with the forward
+    unpatch(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_autocast_bf16(unpad):
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False, mlm_loss=False, unpad=unpad))
+    batch = make_batch("ForSequenceClassification")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_f = fast(**batch).loss
+        loss_s = stock(**batch).loss
+    assert torch.isfinite(loss_f)
+    assert rel_err(loss_f, loss_s) < 5e-2
+    loss_f.backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_backward():
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False, mlm_loss=False))
+    compiled = torch.compile(fast)
+    batch = make_batch("ForSequenceClassification")
+    loss = compiled(**batch).loss
+    loss.backward()
+    want = stock(**batch).loss
+    assert rel_err(loss, want) < 1e-5
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
