@@ -86,18 +86,24 @@ at::Tensor masked_lm_loss_rows_cpu(at::Tensor logits, const at::Tensor& labels_i
   at::Tensor row_losses = at::empty({rows}, logits.options().dtype(at::kFloat));
   const float s = scale.item<float>();
   const int64_t stride = rows > 1 ? logits.stride(0) : vocab;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "masked_lm_loss_rows_cpu", [&] {
+  auto run = [&](auto* data) {
+    using scalar_t = std::remove_pointer_t<decltype(data)>;
     if (labels.scalar_type() == at::kLong) {
       roberta_fast::cpu::masked_lm_loss_rows<scalar_t, int64_t>(
-          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), rows, vocab, stride,
-          ignore_index, s, write_grad, row_losses.data_ptr<float>());
+          data, labels.data_ptr<int64_t>(), rows, vocab, stride, ignore_index, s, write_grad,
+          row_losses.data_ptr<float>());
     } else {
       roberta_fast::cpu::masked_lm_loss_rows<scalar_t, int32_t>(
-          logits.data_ptr<scalar_t>(), labels.data_ptr<int32_t>(), rows, vocab, stride,
-          ignore_index, s, write_grad, row_losses.data_ptr<float>());
+          data, labels.data_ptr<int32_t>(), rows, vocab, stride, ignore_index, s, write_grad,
+          row_losses.data_ptr<float>());
     }
-  });
+  };
+  // The kernel is instantiated for these three types only (checked above).
+  switch (logits.scalar_type()) {
+    case at::kFloat: run(logits.data_ptr<float>()); break;
+    case at::kHalf: run(logits.data_ptr<at::Half>()); break;
+    default: run(logits.data_ptr<at::BFloat16>()); break;
+  }
   return row_losses;
 }
 

@@ -1,0 +1,1 @@
+from .masked_lm_loss import FastBertForMaskedLM, FastRobertaForMaskedLM, MaskedLMHead, MaskedLMPredictionHead  # noqa: F401
