@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends
 from ._common import check_float, check_same
@@ -112,6 +113,25 @@ def gather_labelled(hidden: torch.Tensor, labels: torch.Tensor,
     return flat_hidden[keep], flat_labels[keep]
 
 
+# The helpers below read a context variable and the environment, which torch.compile cannot trace:
+# their results are taken as constants of the compiled graph (decided when it is traced).
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(device_type: str) -> str:
+    return backends.resolve(device_type)
+
+
+@torch.compiler.assume_constant_result
+def _check_labels_on_host(device_type: str, backend: str) -> bool:
+    # The reference always checks (on CUDA, F.cross_entropy would otherwise hit a device assert);
+    # the CPU kernels check themselves; the CUDA kernels only on request, since it syncs.
+    if backend == "reference":
+        return True
+    return device_type == "cuda" and os.environ.get(CHECK_LABELS_ENV_VAR) == "1"
+
+
+@torch.compiler.assume_constant_result
 def _chunk_rows(device_type: str, vocab: int, element_size: int, chunk_bytes: int | None) -> int:
     if chunk_bytes is None:
         env = os.environ.get(CHUNK_ENV_VAR)
@@ -230,14 +250,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dhidden, dweight, dbias, logits)
 
 
+def _plain_eager(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a real tensor outside any tracing (compile, AOT, make_fx, fake modes)."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
+
+
 def _backward(ctx, grad_loss, *_unused):
     dhidden, dweight, dbias = ctx.saved_tensors
     grad_loss = grad_loss.to(torch.float32)
     # The saved gradients were computed for d(output) = 1. They are scaled in place (no copy of the
     # [V, H] weight gradient): a second backward through the same forward then fails autograd's
-    # saved-tensor version check instead of returning wrong values. Under torch.compile the
-    # scaling is traced out of place, which is what the compiler expects of a backward.
-    eager = not torch.compiler.is_compiling()
+    # saved-tensor version check instead of returning wrong values. When traced (torch.compile,
+    # opcheck) the scaling is out of place, which is what the tracers expect of a backward.
+    eager = _plain_eager(grad_loss)
     if eager and grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         scaled = [dhidden, dweight, dbias]  # CPU: checking for the usual 1.0 costs nothing
     elif eager:
@@ -275,10 +301,10 @@ def _masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     _check_inputs(hidden, weight, bias, labels, ignore_index)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
-    backend = backends.resolve(hidden.device)
+    device_type = hidden.device.type
+    backend = _resolve_backend(device_type)
     vocab = weight.shape[0]
-    if backend == "reference" or (hidden.device.type == "cuda"
-                                  and os.environ.get(CHECK_LABELS_ENV_VAR) == "1"):
+    if _check_labels_on_host(device_type, backend):
         check_label_range(labels1d, vocab, ignore_index)
     if backend == "reference":
         from ..reference.masked_lm_loss import forward_native
@@ -289,7 +315,7 @@ def _masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             with torch.no_grad():
                 logits = torch.nn.functional.linear(hidden2d, weight, bias)
         return loss, logits
-    chunk_rows = _chunk_rows(hidden.device.type, vocab, hidden.element_size(), chunk_bytes)
+    chunk_rows = _chunk_rows(device_type, vocab, hidden.element_size(), chunk_bytes)
     need = torch.is_grad_enabled()
     loss, _, _, _, logits = _fused(
         hidden2d, weight, bias, labels1d, ignore_index, backend, chunk_rows,

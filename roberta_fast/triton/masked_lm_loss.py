@@ -22,8 +22,17 @@ _LOWEST = -3.4028234663852886e38
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> bf16 rounded to nearest even through the bits (the interpreter truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _mlm_rows_kernel(logits_ptr, labels_ptr, scale_ptr, losses_ptr, vocab, row_stride,
-                     ignore_index, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                     ignore_index, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                     BF16_BY_BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -64,7 +73,10 @@ def _mlm_rows_kernel(logits_ptr, labels_ptr, scale_ptr, losses_ptr, vocab, row_s
                 x = tl.load(base + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 g = tl.exp(x - m) * inv
                 g = tl.where(offs == label, g - sc, g)
-                tl.store(base + offs, g.to(out_ty), mask=mask)
+                if BF16_BY_BITS:
+                    tl.store(base + offs, _round_bf16(g), mask=mask)
+                else:
+                    tl.store(base + offs, g.to(out_ty), mask=mask)
 
 
 def _check(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> None:
@@ -117,7 +129,9 @@ def masked_lm_loss_rows_triton(logits: torch.Tensor, labels: torch.Tensor, scale
     kwargs = {"num_warps": 8 if block >= 2048 else 4} if on_gpu else {}
     with torch.cuda.device(logits.device) if on_gpu else contextlib.nullcontext():
         _mlm_rows_kernel[(rows,)](logits, labels, scale, losses, vocab, row_stride, ignore_index,
-                                  WRITE_GRAD=bool(write_grad), BLOCK=block, **kwargs)
+                                  WRITE_GRAD=bool(write_grad), BLOCK=block,
+                                  BF16_BY_BITS=not on_gpu and logits.dtype == torch.bfloat16,
+                                  **kwargs)
     return losses
 
 
