@@ -248,6 +248,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(dhidden, dweight, dbias)
     ctx.wants = inputs[7:10]  # grad_hidden, grad_weight, grad_bias
     ctx.mark_non_differentiable(dhidden, dweight, dbias, logits)
+    # Otherwise autograd hands the backward zero tensors for those outputs: a [V, H] one included.
+    ctx.set_materialize_grads(False)
 
 
 def _plain_eager(t: torch.Tensor) -> bool:
@@ -258,6 +260,8 @@ def _plain_eager(t: torch.Tensor) -> bool:
 
 def _backward(ctx, grad_loss, *_unused):
     dhidden, dweight, dbias = ctx.saved_tensors
+    if grad_loss is None:  # grads are not materialized: the loss did not reach the output
+        return (None,) * 11
     grad_loss = grad_loss.to(torch.float32)
     # The saved gradients were computed for d(output) = 1. They are scaled in place (no copy of the
     # [V, H] weight gradient): a second backward through the same forward then fails autograd's
