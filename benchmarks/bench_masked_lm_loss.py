@@ -6,8 +6,10 @@ tokens labelled:
 - "roberta_fast <backend> (logits=none|masked)": ``MaskedLMHead`` (gather, transform, the fused
   chunked loss) on each roberta_fast backend that runs on the device (never the Triton interpreter).
 
-Each timed call starts with ``zero_grad(set_to_none=True)`` as a training step does, so the peak
-memory is what the step adds on top of the parameters and their gradients. TFLOP/s count the useful
+Each timed call ends with ``zero_grad(set_to_none=True)``, so every call starts without gradients,
+as a training step does after the optimizer: the peak memory is what one step adds on top of the
+parameters and inputs, the new gradients included (the decoder's [V, H] weight gradient alone is
+147 MiB in fp32, a floor for every impl). TFLOP/s count the useful
 work of every impl alike (the labelled rows' dense + decoder GEMMs, x3 for forward + backward), so
 within a group they are proportional to speed.
 
@@ -54,11 +56,11 @@ def _stock_full(device, dtype, batch, seq):
         loss_fct = torch.nn.CrossEntropyLoss()
 
         def fn():
-            head.zero_grad(set_to_none=True)
-            features.grad = None
             logits = head(features)
             loss = loss_fct(logits.view(-1, VOCAB), labels.view(-1))
             loss.backward()
+            head.zero_grad(set_to_none=True)
+            features.grad = None
         return fn
     return setup
 
@@ -71,12 +73,12 @@ def _gather_then_stock(device, dtype, batch, seq):
         features, labels = _inputs(batch, seq, device, dtype)
 
         def fn():
-            head.zero_grad(set_to_none=True)
-            features.grad = None
             keep = labels.view(-1) != IGNORE
             rows = features.view(-1, HIDDEN)[keep]
             loss = F.cross_entropy(head(rows), labels.view(-1)[keep])
             loss.backward()
+            head.zero_grad(set_to_none=True)
+            features.grad = None
         return fn
     return setup
 
@@ -90,11 +92,11 @@ def _fast(device, dtype, batch, seq, backend, mode):
         features, labels = _inputs(batch, seq, device, dtype)
 
         def fn():
-            head.zero_grad(set_to_none=True)
-            features.grad = None
             with roberta_fast.use_backend(backend):
                 loss, _ = head(features, labels)
             loss.backward()
+            head.zero_grad(set_to_none=True)
+            features.grad = None
         return fn
     return setup
 

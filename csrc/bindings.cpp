@@ -125,7 +125,7 @@ at::Tensor masked_lm_loss_rows_cuda(at::Tensor logits, const at::Tensor& labels_
   if (logits.scalar_type() == at::kHalf) dtype = roberta_fast::cuda::MlmDtype::kFloat16;
   if (logits.scalar_type() == at::kBFloat16) dtype = roberta_fast::cuda::MlmDtype::kBFloat16;
   const int64_t stride = rows > 1 ? logits.stride(0) : vocab;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   check_cuda(roberta_fast::cuda::masked_lm_loss_rows(
                  logits.data_ptr(), dtype, labels.data_ptr(),
                  labels.scalar_type() == at::kLong, rows, vocab, stride, ignore_index,
