@@ -4,3 +4,5 @@ instance is converted in place (``Fast*.convert(module)``): parameters keep thei
 from .layer_norm_residual import (FastBertOutput, FastBertSelfOutput, FastRobertaOutput,  # noqa: F401
                                   FastRobertaSelfOutput, FastXLMRobertaOutput,
                                   FastXLMRobertaSelfOutput, FusedResidualLayerNorm)
+from .masked_lm_loss import (FastBertForMaskedLM, FastRobertaForMaskedLM,  # noqa: F401
+                             MaskedLMHead, MaskedLMPredictionHead)
