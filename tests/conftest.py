@@ -44,3 +44,13 @@ def triton_device() -> str:
 def triton_interpret(triton_device):
     """Alias of ``triton_device`` for tests that only need Triton to be runnable."""
     return triton_device
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and the machine's cores are shared); a module opts
+    in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

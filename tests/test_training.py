@@ -17,13 +17,7 @@ from tests.helpers import rel_err  # noqa: E402
 VOCAB, PAD, BOS, EOS, MASK = 100, 1, 0, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fast_options(unpad: bool) -> dict:

@@ -127,7 +127,15 @@ class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
         return self._labelled_forward(hidden_states, labels)
 
 
-def _output(loss, logits, outputs) -> MaskedLMOutput:
+def _mlm_forward(encoder: nn.Module, full_head: nn.Module, masked_head: nn.Module,
+                 labels: torch.Tensor | None, **encoder_kwargs) -> MaskedLMOutput:
+    """The encoder, then stock logits without labels or the masked-only head and loss with them."""
+    outputs = encoder(return_dict=True, **encoder_kwargs)
+    sequence_output = outputs[0]
+    if labels is None:
+        loss, logits = None, full_head(sequence_output)
+    else:
+        loss, logits = masked_head(sequence_output, labels=labels)
     return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                           attentions=outputs.attentions)
 
@@ -162,17 +170,11 @@ class FastRobertaForMaskedLM(RobertaForMaskedLM):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 labels=None, **kwargs) -> MaskedLMOutput:
-        outputs = self.roberta(input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds,
-                               encoder_hidden_states=encoder_hidden_states,
-                               encoder_attention_mask=encoder_attention_mask, return_dict=True,
-                               **kwargs)
-        sequence_output = outputs[0]
-        if labels is None:
-            return _output(None, self.lm_head(sequence_output), outputs)
-        loss, logits = self.lm_head(sequence_output, labels=labels)
-        return _output(loss, logits, outputs)
+        return _mlm_forward(self.roberta, self.lm_head, self.lm_head, labels, input_ids=input_ids,
+                            attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds,
+                            encoder_hidden_states=encoder_hidden_states,
+                            encoder_attention_mask=encoder_attention_mask, **kwargs)
 
 
 class FastBertForMaskedLM(BertForMaskedLM):
@@ -199,14 +201,8 @@ class FastBertForMaskedLM(BertForMaskedLM):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 labels=None, **kwargs) -> MaskedLMOutput:
-        outputs = self.bert(input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds,
+        return _mlm_forward(self.bert, self.cls, self.cls.predictions, labels, input_ids=input_ids,
+                            attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds,
                             encoder_hidden_states=encoder_hidden_states,
-                            encoder_attention_mask=encoder_attention_mask, return_dict=True,
-                            **kwargs)
-        sequence_output = outputs[0]
-        if labels is None:
-            return _output(None, self.cls(sequence_output), outputs)
-        loss, logits = self.cls.predictions(sequence_output, labels=labels)
-        return _output(loss, logits, outputs)
+                            encoder_attention_mask=encoder_attention_mask, **kwargs)
