@@ -75,13 +75,6 @@ def _compiled_eager() -> Callable | None:
         return None
 
 
-def _native_backends(device: str) -> list[str]:
-    found = roberta_fast.available_backends()
-    if device == "cuda":
-        return [name for name in ("cuda", "triton") if found[name] == "ok"]
-    return ["cpu"] if found["cpu"] == "ok" else []
-
-
 def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     """The benchmark cases for ``device``/``dtype``; ``quick``: 16384 x 768 only, and no
     ``torch.compile`` on CPU (its compile alone takes longer than the quick budget)."""
@@ -98,7 +91,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
             if compiled is not None:
                 yield Case(group, "torch.compile", _setup(compiled, rows, h, dtype, device, mode),
                            bytes=nbytes, baseline=True, params=params)
-            for backend in _native_backends(device):
+            for backend in common.native_backends(device):
                 yield Case(group, f"roberta_fast {backend}",
                            _setup(_fused(backend), rows, h, dtype, device, mode), bytes=nbytes,
                            params=params)

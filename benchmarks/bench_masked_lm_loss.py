@@ -101,15 +101,6 @@ def _fast(device, dtype, batch, seq, backend, mode):
     return setup
 
 
-def _backends(device: str) -> list[str]:
-    """roberta_fast backends that really run on ``device`` (never the Triton interpreter)."""
-    import roberta_fast
-
-    found = roberta_fast.available_backends()
-    wanted = ("cuda", "triton") if device == "cuda" else ("cpu",)
-    return [name for name in wanted if found[name] == "ok"]
-
-
 def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     """Cases per token count: 8 x 128 and 8 x 512 (quick), plus 32 x 512 (16384 tokens, the GPU
     target shape: in the quick set too on a GPU, where it takes seconds)."""
@@ -127,7 +118,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                    baseline=True, params=params)
         yield Case(group, "gather then stock", _gather_then_stock(device, dtype, batch, seq),
                    flops=flops, baseline=True, params=params)
-        for backend in _backends(device):
+        for backend in common.native_backends(device):
             for mode in ("none", "masked"):
                 yield Case(group, f"roberta_fast {backend} (logits={mode})",
                            _fast(device, dtype, batch, seq, backend, mode), flops=flops,

@@ -194,3 +194,14 @@ def benchmark_case(benchmark, case: Case, device: str) -> None:
         benchmark.extra_info["gb_per_s"] = case.bytes / median / 1e9
     if case.flops:
         benchmark.extra_info["tflop_per_s"] = case.flops / median / 1e12
+
+
+def native_backends(device: str) -> list[str]:
+    """The roberta_fast backends worth timing on ``device``: cuda and triton on a GPU, the C++
+    ``cpu`` kernels on a CPU (Triton on a CPU is the interpreter: never timed)."""
+    import roberta_fast
+
+    found = roberta_fast.available_backends()
+    if device == "cuda":
+        return [name for name in ("cuda", "triton") if found[name] == "ok"]
+    return ["cpu"] if found["cpu"] == "ok" else []
