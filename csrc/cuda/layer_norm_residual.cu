@@ -17,6 +17,7 @@
 #include <initializer_list>
 
 #include "common/philox.h"
+#include "cuda/convert.cuh"
 
 namespace roberta_fast {
 namespace cuda {
@@ -29,20 +30,6 @@ constexpr int kFwdBlock = 128;      // threads per forward block (several rows w
 constexpr int kBwdBlock = 256;      // threads per backward block
 constexpr int kMaxTeams = 8;        // kBwdBlock / 32
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // N consecutive elements starting at p (16-byte aligned; N * sizeof(T) a multiple of 16).
 template <typename T, int N>
