@@ -1,9 +1,10 @@
-// Philox4x32-10 dropout random numbers, bit-identical to Triton's `tl.rand(seed, offset)`, so that
+// Philox4x32-10 dropout random numbers, bit-identical to Triton's `tl.randint4x`, so that
 // the CPU, CUDA and Triton kernels draw the same dropout mask for the same seed.
 //
-// Contract (shared by every kernel of the project): the element with int64 counter `offset` draws
-// Philox4x32 with 10 rounds on counter (lo32(offset), hi32(offset), 0, 0) and key
-// (lo32(seed), hi32(seed)); the first output word x becomes
+// Contract (the residual LayerNorm kernels on every backend): element `offset` (int64) takes word
+// `offset & 3` of Philox4x32 with 10 rounds on counter (lo32(g), hi32(g), 0, 0), g = offset >> 2,
+// and key (lo32(seed), hi32(seed)) -- so one Philox call serves four consecutive elements, as in
+// Triton's `tl.randint4x(seed, offset >> 2)`. The word x becomes
 //     u = float(x as int32 < 0 ? ~x : x) * 4.6566127342e-10f      (in [0, 1))
 // and the element is kept iff u > p; kept values are scaled by 1 / (1 - p).
 //
@@ -37,10 +38,14 @@ RF_PHILOX_FN uint32_t mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The first output word of Philox4x32-10 for (seed, offset).
-RF_PHILOX_FN uint32_t random_bits(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset);
-  uint32_t c1 = static_cast<uint32_t>(offset >> 32);
+struct Words {
+  uint32_t w[4];
+};
+
+// The four output words of Philox4x32-10 for (seed, counter).
+RF_PHILOX_FN Words random_words(uint64_t seed, uint64_t counter) {
+  uint32_t c0 = static_cast<uint32_t>(counter);
+  uint32_t c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0u;
   uint32_t c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed);
@@ -58,7 +63,12 @@ RF_PHILOX_FN uint32_t random_bits(uint64_t seed, uint64_t offset) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  return Words{{c0, c1, c2, c3}};
+}
+
+// The random word of the element with counter `offset` (word offset & 3 of counter offset >> 2).
+RF_PHILOX_FN uint32_t random_bits(uint64_t seed, uint64_t offset) {
+  return random_words(seed, offset >> 2).w[offset & 3];
 }
 
 // Triton's uint -> uniform float map: fold the negative half of int32 onto the positive one.

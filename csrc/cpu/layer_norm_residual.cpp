@@ -20,14 +20,14 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kLanes = 16;       // partial sums per reduction (two AVX2 registers)
-constexpr int64_t kRandBlock = 64;   // dropout counters generated per vectorized block
+constexpr int64_t kRandBlock = 64;   // Philox counters (4 elements each) per vectorized block
 
 // Philox for n <= kRandBlock consecutive counters whose low words do not wrap: the high word is
-// then one constant, so the loop is pure 32-bit lanes and vectorizes.
-inline void random_block(uint64_t seed, uint64_t offset, int64_t n, float p, float scale,
-                         float* out) {
-  const uint32_t lo = static_cast<uint32_t>(offset);
-  const uint32_t hi = static_cast<uint32_t>(offset >> 32);
+// then one constant, so the loop is pure 32-bit lanes and vectorizes. All four output words are
+// kept, interleaved: element 4 * j + i of `words` is word i of counter `counter + j`.
+inline void random_block(uint64_t seed, uint64_t counter, int64_t n, uint32_t* words) {
+  const uint32_t lo = static_cast<uint32_t>(counter);
+  const uint32_t hi = static_cast<uint32_t>(counter >> 32);
   const uint32_t key0 = static_cast<uint32_t>(seed);
   const uint32_t key1 = static_cast<uint32_t>(seed >> 32);
   for (int64_t j = 0; j < n; ++j) {
@@ -47,9 +47,10 @@ inline void random_block(uint64_t seed, uint64_t offset, int64_t n, float p, flo
       k0 += philox::kKeyA;
       k1 += philox::kKeyB;
     }
-    const int32_t v = static_cast<int32_t>(c0);
-    const float u = static_cast<float>(v < 0 ? ~v : v) * philox::kUniformScale;
-    out[j] = u > p ? scale : 0.0f;
+    words[4 * j] = c0;
+    words[4 * j + 1] = c1;
+    words[4 * j + 2] = c2;
+    words[4 * j + 3] = c3;
   }
 }
 
@@ -170,14 +171,21 @@ inline void normalize_and_accumulate(float* __restrict xhat, const float* __rest
 
 void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* out) {
   const float scale = 1.0f / (1.0f - p);
+  uint32_t words[4 * kRandBlock];
   int64_t j = 0;
   while (j < n) {
     const uint64_t start = offset + static_cast<uint64_t>(j);
-    int64_t len = std::min<int64_t>(kRandBlock, n - j);
+    const uint64_t counter = start >> 2;
+    const int64_t skip = static_cast<int64_t>(start & 3);  // words of the first counter not ours
+    int64_t groups = std::min<int64_t>(kRandBlock, (n - j + skip + 3) / 4);
     // Counters whose low word wraps inside the block: split there.
-    const uint64_t to_wrap = (uint64_t{1} << 32) - (start & 0xffffffffull);
-    if (static_cast<uint64_t>(len) > to_wrap) len = static_cast<int64_t>(to_wrap);
-    random_block(seed, start, len, p, scale, out + j);
+    const uint64_t to_wrap = (uint64_t{1} << 32) - (counter & 0xffffffffull);
+    if (static_cast<uint64_t>(groups) > to_wrap) groups = static_cast<int64_t>(to_wrap);
+    random_block(seed, counter, groups, words);
+    const int64_t len = std::min<int64_t>(4 * groups - skip, n - j);
+    for (int64_t k = 0; k < len; ++k) {
+      out[j + k] = philox::bits_to_uniform(words[skip + k]) > p ? scale : 0.0f;
+    }
     j += len;
   }
 }

@@ -14,7 +14,6 @@
 namespace {
 
 using roberta_fast::philox::keep;
-using roberta_fast::philox::random_bits;
 using roberta_fast::philox::uniform;
 
 int failures = 0;
@@ -32,7 +31,7 @@ uint32_t float_bits(float f) {
   return b;
 }
 
-// (seed, offset) -> first Philox word and the bits of tl.rand's float, from Triton 3.9.
+// (seed, counter) -> first Philox word and the bits of tl.rand's float, from Triton 3.9.
 struct KnownAnswer {
   uint64_t seed, offset;
   uint32_t bits, uniform_bits;
@@ -52,12 +51,38 @@ const KnownAnswer kTritonRand[] = {
     {0x3fffffffffffffffull, 0x200000005ull, 0x8ac44b57u, 0x3f6a7768u},
 };
 
+// (seed, element offset) -> bits of the element's uniform float: word offset & 3 of
+// tl.randint4x(seed, offset >> 2) through tl.uint_to_uniform_float, from Triton 3.9.
+struct ElementAnswer {
+  uint64_t seed, offset;
+  uint32_t uniform_bits;
+};
+const ElementAnswer kTritonElement[] = {
+    {0x0ull, 0x0ull, 0x3f4c4fd1u},
+    {0x0ull, 0x1ull, 0x3e74b1d3u},
+    {0x0ull, 0x2ull, 0x3f0750a6u},
+    {0x0ull, 0x3ull, 0x3f49fe47u},
+    {0x1ull, 0x4ull, 0x3f27efd7u},
+    {0x2aull, 0x7ull, 0x3f689c0du},
+    {0x3039ull, 0x2ffull, 0x3ee153b7u},
+    {0x3039ull, 0xbfffffull, 0x3f09ec41u},
+    {0xe5f4c8f743ull, 0x1cbe991a14ull, 0x3f02c1c5u},
+    {0x10000000003ull, 0x10000000011ull, 0x3f706ea1u},
+    {0x123456789abcdefull, 0x3ffffffffull, 0x3ec94116u},
+    {0x123456789abcdefull, 0x400000002ull, 0x3f4572bfu},
+    {0x3fffffffffffffffull, 0x200000005ull, 0x3ed5f5fdu},
+};
+
 void test_philox_known_answers() {
   for (const KnownAnswer& k : kTritonRand) {
-    check(random_bits(k.seed, k.offset) == k.bits, "philox bits == Triton's",
-          random_bits(k.seed, k.offset), k.bits);
-    check(float_bits(uniform(k.seed, k.offset)) == k.uniform_bits, "uniform == tl.rand",
-          uniform(k.seed, k.offset), 0.0);
+    const uint32_t bits = roberta_fast::philox::random_words(k.seed, k.offset).w[0];
+    check(bits == k.bits, "philox bits == Triton's", bits, k.bits);
+    check(float_bits(roberta_fast::philox::bits_to_uniform(bits)) == k.uniform_bits,
+          "uniform == tl.rand", bits, 0.0);
+  }
+  for (const ElementAnswer& k : kTritonElement) {
+    check(float_bits(uniform(k.seed, k.offset)) == k.uniform_bits,
+          "element uniform == Triton's randint4x word", uniform(k.seed, k.offset), 0.0);
   }
 }
 

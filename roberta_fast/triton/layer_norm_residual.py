@@ -5,8 +5,9 @@ Backward: each program loops over a contiguous range of rows, recomputing s = dr
 from the seed (the forward stores only mean/rstd), and writes its partial dweight/dbias row
 ``[programs, H]`` in fp32; the partials are summed afterwards (no atomics).
 
-Dropout: element (row, col) is kept iff ``tl.rand(seed, row * H + col) > p`` (the project's RNG
-contract, shared with the CPU and CUDA kernels through csrc/common/philox.h).
+Dropout: element ``o = row * H + col`` is kept iff the uniform float of word ``o & 3`` of
+``tl.randint4x(seed, o >> 2)`` is > p: one Philox call per four elements, the rule of the CPU and
+CUDA kernels too (csrc/common/philox.h).
 
 The kernels are exposed as the custom ops ``roberta_fast::layer_norm_residual_triton_fwd`` and
 ``..._bwd`` (autograd is registered in ``roberta_fast.ops.layer_norm_residual``).
@@ -33,6 +34,16 @@ def _round_bf16(v):
 
 
 @triton.jit
+def _uniform(seed, offs):
+    # Word offs & 3 of Philox counter offs >> 2 (csrc/common/philox.h). The interpreter and the
+    # compiler evaluate all four words per element here; the CPU/CUDA kernels share one call.
+    r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
+    word = offs & 3
+    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.uint_to_uniform_float(bits)
+
+
+@triton.jit
 def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
                 HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -43,7 +54,7 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
     r = tl.load(R + offs, mask=inside, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
-        keep = tl.rand(seed, offs) > p
+        keep = _uniform(seed, offs) > p
         x = tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
     s = x + r
     mean = tl.sum(s, axis=0) / H
@@ -79,7 +90,7 @@ def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H
         r = tl.load(R + offs, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=inside, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, offs) > p
+            keep = _uniform(seed, offs) > p
             x = tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
