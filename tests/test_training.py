@@ -169,7 +169,11 @@ def test_gradient_accumulation_matches_full_batch():
         if name.endswith(_UNIDENTIFIABLE):
             assert float((got[name] - want[name]).norm()) < 1e-5 * scale
         else:
-            assert rel_err(got[name], want[name]) < 1e-5, name
+            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: the two runs sum the
+            # same terms in another order, which cancelling sums (the token-type embedding
+            # gradient) lose relative precision to.
+            err = float((got[name] - want[name]).norm())
+            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
 
 
 def _ddp_worker(rank: int, world: int, path: str, port: int) -> None:
@@ -221,4 +225,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         if name.endswith(_UNIDENTIFIABLE):
             assert float((got[name] - want[name]).norm()) < 1e-5 * scale
         else:
-            assert rel_err(got[name], want[name]) < 1e-5, name
+            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: the two runs sum the
+            # same terms in another order, which cancelling sums (the token-type embedding
+            # gradient) lose relative precision to.
+            err = float((got[name] - want[name]).norm())
+            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
