@@ -1,5 +1,6 @@
 """FastRobertaSelfAttention (and the BERT / XLM-R twins) against the stock Hugging Face module."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -49,7 +50,10 @@ def _padding(batch, seqlen):
 
 
 def _hf_mask(cfg, hidden, mask2d):
-    return create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d)
+    # The embeddings argument is ``input_embeds`` before transformers 5.x's rename.
+    name = ("inputs_embeds" if "inputs_embeds" in inspect.signature(create_bidirectional_mask).parameters
+            else "input_embeds")
+    return create_bidirectional_mask(config=cfg, attention_mask=mask2d, **{name: hidden})
 
 
 def _assert_grads(got, ref, base):

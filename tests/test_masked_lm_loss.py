@@ -403,6 +403,16 @@ def _roberta(vocab=97):
     return RobertaForMaskedLM(config)
 
 
+def _xlm_roberta(vocab=83):
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    config = XLMRobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=37,
+                              max_position_embeddings=40, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+    return XLMRobertaForMaskedLM(config)
+
+
 def _bert(vocab=89):
     from transformers import BertConfig, BertForMaskedLM
 
@@ -431,24 +441,30 @@ def _loss_and_grads(model, input_ids, attention_mask, labels):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-@pytest.mark.parametrize("family", ["roberta", "bert"])
-def test_converted_model_matches_stock_loss_and_all_gradients(family, backend, request):
-    from roberta_fast.nn import FastBertForMaskedLM, FastRobertaForMaskedLM
+def _family(family):
+    """(stock model, fast class) for a family name."""
+    from roberta_fast.nn import FastBertForMaskedLM, FastRobertaForMaskedLM, FastXLMRobertaForMaskedLM
 
+    return {"roberta": (_roberta, FastRobertaForMaskedLM),
+            "xlm-roberta": (_xlm_roberta, FastXLMRobertaForMaskedLM),
+            "bert": (_bert, FastBertForMaskedLM)}[family]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "bert"])
+def test_converted_model_matches_stock_loss_and_all_gradients(family, backend, request):
     if backend == "triton":
         request.getfixturevalue("triton_device")
-    stock = _roberta() if family == "roberta" else _bert()
-    stock.eval()  # dropout off; gradients still flow
+    make, cls = _family(family)
+    stock = make().eval()  # dropout off; gradients still flow
     fast = copy.deepcopy(stock)
-    cls = FastRobertaForMaskedLM if family == "roberta" else FastBertForMaskedLM
     params_before = {n: p for n, p in fast.named_parameters()}
     keys_before = list(fast.state_dict())
     assert cls.convert(fast, logits="none") is fast
     assert isinstance(fast, cls)
     assert {n: p for n, p in fast.named_parameters()} == params_before  # same objects
     assert list(fast.state_dict()) == keys_before
-    if family == "roberta":
+    if family != "bert":
         assert fast.lm_head.decoder.weight is fast.roberta.embeddings.word_embeddings.weight
         assert fast.lm_head.decoder.bias is fast.lm_head.bias
     else:
@@ -501,6 +517,28 @@ def test_logits_modes_and_unlabelled_forward():
         FastRobertaForMaskedLM.convert(torch.nn.Linear(2, 2))
     head = MaskedLMHead(stock.config)
     assert list(head.state_dict()) == list(stock.lm_head.state_dict())
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "bert"])
+def test_stock_call_forms(family):
+    """Positional arguments bind as in the stock signature of this transformers release, and
+    return_dict=False gives stock's tuple: (loss, logits) with labels, (logits,) without."""
+    make, cls = _family(family)
+    stock = make().eval()
+    fast = cls.convert(copy.deepcopy(stock), logits="full")
+    input_ids, attention_mask, labels = _batch(stock.config.vocab_size)
+    with torch.no_grad():
+        want = stock(input_ids, attention_mask, labels=labels, return_dict=False)
+        got = fast(input_ids, attention_mask, labels=labels, return_dict=False)
+        assert isinstance(got, tuple) and len(got) == len(want) == 2
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-5
+        plain = fast(input_ids, attention_mask, return_dict=False)
+        assert len(plain) == 1 and rel_err(plain[0], want[1]) < 1e-5
+    with pytest.raises(TypeError, match="multiple values"):
+        fast(input_ids, input_ids=input_ids)
+    with pytest.raises(TypeError, match="positional"):
+        fast(*([None] * 40))
 
 
 def test_full_logits_mode_backpropagates_like_stock():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
+import inspect
 import random
 
 import pytest
@@ -180,6 +182,17 @@ def stock_and_patched(family, head, options=None, **config_kwargs):
     return stock, fast
 
 
+def skip_if_stock_fails(stock, batch: dict) -> None:
+    """Some transformers releases ship heads that fail on their own (5.0.0's
+    XLMRobertaForMultipleChoice reads a pooler output it never builds): nothing to compare."""
+    try:
+        with torch.no_grad():
+            stock(**batch)
+    except (IndexError, AttributeError, TypeError) as exc:
+        pytest.skip(f"NOT RUN: the stock {type(stock).__name__} fails in transformers "
+                    f"{transformers.__version__}: {type(exc).__name__}: {exc}")
+
+
 def _batch_for(head):
     # QA losses run a softmax over every position, padding included, and padded positions are
     # where the patched model's values differ; its loss is compared on unpadded batches.
@@ -203,8 +216,10 @@ def test_other_families_match_stock(family, head, option_set):
     options = OPTION_SETS[option_set]
     needs(options, family, head)
     stock, fast = stock_and_patched(family, head, options)
+    batch = _batch_for(head)
+    skip_if_stock_fails(stock, batch)
     mlm_fast_loss = head == "ForMaskedLM" and options.get("mlm_loss", True)
-    compare(stock, fast, _batch_for(head), check_logits=not mlm_fast_loss)
+    compare(stock, fast, batch, check_logits=not mlm_fast_loss)
 
 
 @pytest.mark.parametrize("unpad", [False, True])
@@ -388,13 +403,18 @@ def test_output_hidden_states(unpad, family):
     for x, y in zip(a.hidden_states, b.hidden_states):
         assert x.shape == y.shape
         assert rel_err(x[real], y[real]) < 1e-5
-    if unpad:
+    if unpad and importlib.util.find_spec("transformers.utils.output_capturing") is not None:
+        # Transformers with the shared output collector: the unpadded path ran (zeros at the
+        # padding). Older 5.x releases keep their collector private, so the padded path runs.
         assert all(torch.count_nonzero(h[~real]) == 0 for h in a.hidden_states[1:])
-    # Selecting one layer by index works as in stock.
+    # Selecting one layer by index works as in stock, in the releases that offer it.
     with torch.no_grad():
+        selected = stock(**batch, output_hidden_states=[-2]).hidden_states
         c = fast(**batch, output_hidden_states=[-2])
-    assert len(c.hidden_states) == 3 and c.hidden_states[0] is None and c.hidden_states[2] is None
-    assert rel_err(c.hidden_states[1][real], b.hidden_states[1][real]) < 1e-5
+    if selected[0] is None:
+        assert len(c.hidden_states) == 3 and c.hidden_states[0] is None
+        assert c.hidden_states[2] is None
+        assert rel_err(c.hidden_states[1][real], b.hidden_states[1][real]) < 1e-5
 
 
 @pytest.mark.parametrize("unpad", [False, True])
@@ -467,3 +487,27 @@ def test_torch_compile_forward_backward():
     want = stock(**batch).loss
     assert rel_err(loss, want) < 1e-5
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_decoder_with_cache_and_cross_attention_matches_stock(unpad):
+    """A causal decoder with cross-attention and a key/value cache takes the stock paths; the
+    cache argument's name differs between transformers releases, which must not matter."""
+    stock, fast = stock_and_patched("roberta", "ForCausalLM", dict(unpad=unpad), is_decoder=True,
+                                    add_cross_attention=True)
+    hidden = stock.config.hidden_size
+    ids = torch.randint(3, VOCAB, (2, 6))
+    memory = torch.randn(2, 5, hidden)
+    cache_name = ("cache" if "cache" in inspect.signature(stock.forward).parameters
+                  else "past_key_values")
+    with torch.no_grad():
+        outs = []
+        for model in (stock, fast):
+            first = model(input_ids=ids, encoder_hidden_states=memory, use_cache=True)
+            cache = getattr(first, cache_name)
+            assert cache is not None
+            nxt = model(input_ids=ids[:, -1:] + 1, encoder_hidden_states=memory,
+                        **{cache_name: cache}, use_cache=True)
+            outs.append((first.logits, nxt.logits))
+    for got, want in zip(outs[1], outs[0]):
+        assert rel_err(got, want) < 1e-6

@@ -5,4 +5,5 @@ from .layer_norm_residual import (FastBertOutput, FastBertSelfOutput, FastRobert
                                   FastRobertaSelfOutput, FastXLMRobertaOutput,
                                   FastXLMRobertaSelfOutput, FusedResidualLayerNorm)
 from .masked_lm_loss import (FastBertForMaskedLM, FastRobertaForMaskedLM,  # noqa: F401
-                             MaskedLMHead, MaskedLMPredictionHead)
+                             FastXLMRobertaForMaskedLM, MaskedLMHead, MaskedLMPredictionHead,
+                             XLMRobertaMaskedLMHead)

@@ -23,7 +23,8 @@ The stock forward runs instead (documented fallbacks, same results as before the
   materialize them;
 - the mask is not a pure key-padding mask (causal, arbitrary 4-D, a flex ``BlockMask``, an
   additive bias other than 0 / large negative);
-- the module is causal (decoder configs) or a key/value cache is passed.
+- the module is causal (decoder configs), or a key/value cache, cross-attention states or a head
+  mask is passed.
 
 Outputs at padded query positions are zeros here, where the stock module computes values that no
 real token ever reads; everything at real positions, losses and gradients match.
@@ -49,6 +50,7 @@ __all__ = [
     "FastXLMRobertaSelfAttention",
     "key_padding_mask_from_attention_mask",
     "attentions_requested",
+    "needs_stock_forward",
     "backend_scope",
     "ClassSwapMixin",
 ]
@@ -205,15 +207,35 @@ class ClassSwapMixin:
         return module
 
 
+# What a caller may pass that the fused path cannot honour; any of them set (not None) sends the
+# call to the stock forward. The key/value cache is ``past_key_values`` up to transformers 5.23
+# and ``cache`` from 5.24 (``past_key_value`` in 4.x).
+_STOCK_ONLY_ARGS = ("cache", "past_key_values", "past_key_value", "encoder_hidden_states",
+                    "encoder_attention_mask", "head_mask")
+
+
+def needs_stock_forward(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a call must take the stock path: a cache, cross-attention, a head mask or attention
+    probabilities asked for, by keyword or among the positional ``args`` after the mask (whose
+    order differs between transformers releases, so any set one counts)."""
+    if any(a is not None and a is not False for a in args):
+        return True
+    return (any(kwargs.get(name) is not None for name in _STOCK_ONLY_ARGS)
+            or attentions_requested(kwargs))
+
+
 class _FastSelfAttentionMixin(ClassSwapMixin):
-    """The forward shared by the fast self-attention classes (stock HF signature of 5.x)."""
+    """The forward shared by the fast self-attention classes.
+
+    Only ``hidden_states`` and ``attention_mask`` are named: the rest of the stock signature
+    changed between transformers releases, and passes through untouched to the stock forward.
+    """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         stock = super().forward  # the replaced class's forward, next in the MRO
-        if (past_key_values is not None or getattr(self, "is_causal", False)
-                or attentions_requested(kwargs)):
-            return stock(hidden_states, attention_mask, past_key_values, **kwargs)
+        if getattr(self, "is_causal", False) or needs_stock_forward(args, kwargs):
+            return stock(hidden_states, attention_mask, *args, **kwargs)
 
         dropout_p = self.dropout.p if self.training else 0.0
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
@@ -230,7 +252,7 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
         batch, seqlen, _ = hidden_states.shape
         usable, key_padding = key_padding_mask_from_attention_mask(attention_mask, batch, seqlen)
         if not usable:
-            return stock(hidden_states, attention_mask, past_key_values, **kwargs)
+            return stock(hidden_states, attention_mask, *args, **kwargs)
 
         shape = (batch, seqlen, heads, head_dim)
         q = self.query(hidden_states).view(shape)

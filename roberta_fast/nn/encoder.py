@@ -35,8 +35,8 @@ from .attention import (
     ClassSwapMixin,
     _active_collector,
     _FastSelfAttentionMixin,
-    attentions_requested,
     key_padding_mask_from_attention_mask,
+    needs_stock_forward,
 )
 from .padding import pad_input, unpad_input
 
@@ -44,12 +44,16 @@ __all__ = ["FastRobertaEncoder", "FastBertEncoder", "FastXLMRobertaEncoder", "FA
 
 
 class _UnpadEncoderMixin(ClassSwapMixin):
-    """The forward shared by the unpadded encoders (stock HF encoder signature of 5.x)."""
+    """The forward shared by the unpadded encoders.
 
-    def _can_unpad(self, hidden_states, encoder_hidden_states, past_key_values, kwargs) -> bool:
-        if (encoder_hidden_states is not None or past_key_values is not None
-                or getattr(self.config, "is_decoder", False) or "cu_seq_lens_q" in kwargs
-                or hidden_states.dim() != 3 or attentions_requested(kwargs)):
+    Only ``hidden_states`` and ``attention_mask`` are named: the rest of the stock signature
+    (the cache's name, ``cache_position``) changed between transformers releases and passes
+    through untouched to the stock forward.
+    """
+
+    def _can_unpad(self, hidden_states, args, kwargs) -> bool:
+        if (needs_stock_forward(args, kwargs) or getattr(self.config, "is_decoder", False)
+                or "cu_seq_lens_q" in kwargs or hidden_states.dim() != 3):
             return False
         for layer in self.layer:
             if getattr(layer, "chunk_size_feed_forward", 0):
@@ -63,17 +67,13 @@ class _UnpadEncoderMixin(ClassSwapMixin):
         return not (wants_hidden and _active_collector() is None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                use_cache: bool | None = None,
-                **kwargs: Any) -> BaseModelOutputWithPastAndCrossAttentions:
+                *args: Any, **kwargs: Any) -> BaseModelOutputWithPastAndCrossAttentions:
         stock = super().forward
 
         def padded():
-            return stock(hidden_states, attention_mask, encoder_hidden_states,
-                         encoder_attention_mask, past_key_values, use_cache, **kwargs)
+            return stock(hidden_states, attention_mask, *args, **kwargs)
 
-        if not self._can_unpad(hidden_states, encoder_hidden_states, past_key_values, kwargs):
+        if not self._can_unpad(hidden_states, args, kwargs):
             return padded()
         batch, seqlen, _ = hidden_states.shape
         usable, key_padding = key_padding_mask_from_attention_mask(attention_mask, batch, seqlen)
@@ -83,7 +83,9 @@ class _UnpadEncoderMixin(ClassSwapMixin):
         if max_seqlen == 0:  # nothing real in the whole batch
             return padded()
 
-        layer_kwargs = dict(kwargs, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+        # Unset arguments are left out rather than passed on, since their names vary by release.
+        layer_kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "use_cache"}
+        layer_kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                             max_length_q=max_seqlen, max_length_k=max_seqlen)
         collected = _active_collector()
         captured = collected.get("hidden_states") if collected is not None else None
@@ -92,8 +94,7 @@ class _UnpadEncoderMixin(ClassSwapMixin):
         hidden = packed.unsqueeze(0)  # [1, T, H]: the layers' sequence dim is dim 1
         produced = [hidden]
         for layer in self.layer:
-            hidden = layer(hidden, None, None, encoder_attention_mask=None, past_key_values=None,
-                           **layer_kwargs)
+            hidden = layer(hidden, None, **layer_kwargs)
             produced.append(hidden)
 
         if captured is not None:
@@ -104,9 +105,7 @@ class _UnpadEncoderMixin(ClassSwapMixin):
                     captured[i] = pad_input(captured[i][0], indices, batch, seqlen)
 
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=pad_input(hidden[0], indices, batch, seqlen),
-            past_key_values=None,
-        )
+            last_hidden_state=pad_input(hidden[0], indices, batch, seqlen))
 
 
 class FastRobertaEncoder(_UnpadEncoderMixin, RobertaEncoder):

@@ -15,11 +15,13 @@ The logits a labelled forward returns depend on ``logits_mode``:
   computed as stock does and differentiable; the loss is the same. Costs as much as stock.
 - ``"none"``: no logits (``None``): the fastest and leanest.
 
-``FastRobertaForMaskedLM.convert(model)`` / ``FastBertForMaskedLM.convert(model)`` switch an existing
-model in place: parameters keep their identity, ``state_dict()`` is unchanged and weight tying
+``FastRobertaForMaskedLM.convert(model)`` (likewise ``FastXLMRobertaForMaskedLM`` /
+``FastBertForMaskedLM``) switches an existing model in place: parameters keep their identity, ``state_dict()`` is unchanged and weight tying
 (decoder weight = word embeddings, decoder bias = head bias) stays intact.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -27,17 +29,16 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import BertForMaskedLM, BertLMPredictionHead
 from transformers.models.roberta.modeling_roberta import RobertaForMaskedLM, RobertaLMHead
 from transformers.models.roberta.modeling_roberta import gelu as _roberta_gelu
+from transformers.models.xlm_roberta.modeling_xlm_roberta import (
+    XLMRobertaForMaskedLM,
+    XLMRobertaLMHead,
+)
 
 from ..ops.masked_lm_loss import _masked_lm_loss, gather_labelled
 
-try:  # lets `return_dict=False` give a tuple, as in the stock forward
-    from transformers.utils.generic import can_return_tuple as _can_return_tuple
-except ImportError:  # pragma: no cover - older transformers
-    def _can_return_tuple(fn):
-        return fn
-
-__all__ = ["MaskedLMHead", "MaskedLMPredictionHead", "FastRobertaForMaskedLM",
-           "FastBertForMaskedLM", "LOGITS_MODES"]
+__all__ = ["MaskedLMHead", "XLMRobertaMaskedLMHead", "MaskedLMPredictionHead",
+           "FastRobertaForMaskedLM", "FastXLMRobertaForMaskedLM", "FastBertForMaskedLM",
+           "FAST_CLASSES", "LOGITS_MODES"]
 
 LOGITS_MODES = ("masked", "full", "none")
 IGNORE_INDEX = -100  # what Hugging Face's CrossEntropyLoss ignores
@@ -50,13 +51,24 @@ def _check_mode(mode: str) -> str:
 
 
 class _FusedLossHeadMixin:
-    """The labelled forward shared by the RoBERTa and BERT heads.
+    """The forward shared by the RoBERTa, XLM-R and BERT heads: stock without labels, the fused
+    masked-only loss with them.
 
     Subclasses provide ``_transform(x)`` (dense, activation, LayerNorm) and ``decoder`` /
     ``bias`` as in the stock heads.
     """
 
     logits_mode: str = "masked"
+
+    def __init__(self, config, logits_mode: str = "masked"):
+        super().__init__(config)
+        self.logits_mode = _check_mode(logits_mode)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        """Stock logits ``[..., V]`` without labels; ``(loss, logits)`` with labels."""
+        if labels is None:
+            return super().forward(features, **kwargs)
+        return self._labelled_forward(features, labels)
 
     def _decoder_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         bias = self.decoder.bias
@@ -83,7 +95,15 @@ class _FusedLossHeadMixin:
         return _masked_lm_loss(x, weight, bias, row_labels, IGNORE_INDEX, None, mode == "masked")
 
 
-class MaskedLMHead(_FusedLossHeadMixin, RobertaLMHead):
+class _RobertaStyleHeadMixin(_FusedLossHeadMixin):
+    """The RoBERTa / XLM-RoBERTa LM head: ``dense``, GELU, ``layer_norm``, ``decoder``."""
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        # The very activation the stock head calls, so that both agree bit for bit.
+        return self.layer_norm(_roberta_gelu(self.dense(x)))
+
+
+class MaskedLMHead(_RobertaStyleHeadMixin, RobertaLMHead):
     """``RobertaLMHead`` that, given labels, runs on the labelled positions only.
 
     Same parameters (``dense``, ``layer_norm``, ``decoder``, ``bias``) and state_dict as the stock
@@ -91,19 +111,10 @@ class MaskedLMHead(_FusedLossHeadMixin, RobertaLMHead):
     ``(loss, logits)`` with logits per ``logits_mode`` (see the module docstring).
     """
 
-    def __init__(self, config, logits_mode: str = "masked"):
-        super().__init__(config)
-        self.logits_mode = _check_mode(logits_mode)
 
-    def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        # The very activation the stock head calls, so that both agree bit for bit.
-        return self.layer_norm(_roberta_gelu(self.dense(x)))
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        """Stock logits ``[..., V]`` without labels; ``(loss, logits)`` with labels."""
-        if labels is None:
-            return super().forward(features, **kwargs)
-        return self._labelled_forward(features, labels)
+class XLMRobertaMaskedLMHead(_RobertaStyleHeadMixin, XLMRobertaLMHead):
+    """``XLMRobertaLMHead`` that, given labels, runs on the labelled positions only; the XLM-R
+    twin of :class:`MaskedLMHead`."""
 
 
 class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
@@ -113,34 +124,96 @@ class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
     behaviour as :class:`MaskedLMHead`.
     """
 
-    def __init__(self, config, logits_mode: str = "masked"):
-        super().__init__(config)
-        self.logits_mode = _check_mode(logits_mode)
-
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform(x)
 
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor | None = None):
-        """Stock logits ``[..., V]`` without labels; ``(loss, logits)`` with labels."""
+
+def _stock_signature(cls: type):
+    """``_FastMaskedLMMixin._fused_forward`` dressed in the stock ``forward``'s signature, and the names
+    that signature takes positionally. The signature differs between transformers releases (4.x
+    has ``head_mask`` fifth), so it is read, not written out; callers that inspect it (the
+    ``Trainer`` keeps only the dataset columns ``forward`` names) see the stock one."""
+    signature = inspect.signature(cls.forward)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind in kinds)
+
+    def forward(self, *args, **kwargs):
+        return self._fused_forward(*args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = _FastMaskedLMMixin._fused_forward.__doc__
+    return forward, names
+
+
+class _FastMaskedLMMixin:
+    """``convert`` and the labelled forward shared by the ``*ForMaskedLM`` twins.
+
+    Each twin names its stock class, the attribute of its encoder, the path of its LM head (and
+    of the module that gives the full logits) and the head's fast class.
+    """
+
+    _stock_class: type
+    _encoder_attr: str
+    _head_path: str          # the head that computes the loss: transform + decoder
+    _full_head_path: str     # what the stock forward calls for logits
+    _stock_head_class: type
+    _fast_head_class: type
+    _forward_names: tuple[str, ...]
+
+    @classmethod
+    def convert(cls, model: nn.Module, logits: str = "masked") -> nn.Module:
+        """Switch ``model`` (an instance of the stock class) to this class in place; return it.
+
+        Only the classes of the model and its LM head change: parameters keep their identity,
+        ``state_dict()`` is unchanged and tying stays intact. ``logits``: "masked", "full" or
+        "none" (see the module docstring).
+        """
+        stock = cls._stock_class
+        if not isinstance(model, stock):
+            raise TypeError(f"{cls.__name__}.convert expects a {stock.__name__}, got "
+                            f"{type(model).__name__}")
+        head = model.get_submodule(cls._head_path)
+        want = cls._stock_head_class
+        if not isinstance(head, want):
+            raise TypeError(f"model.{cls._head_path} must be a {want.__name__}, got "
+                            f"{type(head).__name__}")
+        _check_mode(logits)
+        model.__class__ = cls
+        head.__class__ = cls._fast_head_class
+        head.logits_mode = logits
+        return model
+
+    def _fused_forward(self, *args, **kwargs):
+        """The stock signature; with ``labels`` the LM head runs on the labelled positions only.
+
+        Returns the stock ``MaskedLMOutput`` (a tuple with ``return_dict=False``); ``loss`` equals
+        stock's (0 instead of NaN when nothing is labelled); ``logits`` follow
+        ``logits_mode`` of the head.
+        """
+        if len(args) > len(self._forward_names):
+            raise TypeError(f"{type(self).__name__}.forward takes at most "
+                            f"{len(self._forward_names)} positional arguments, got {len(args)}")
+        named = dict(zip(self._forward_names, args))
+        for name in named.keys() & kwargs.keys():
+            raise TypeError(f"{type(self).__name__}.forward got multiple values for {name!r}")
+        named.update(kwargs)
+        labels = named.pop("labels", None)
+        return_dict = named.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+
+        outputs = getattr(self, self._encoder_attr)(return_dict=True, **named)
+        sequence_output = outputs[0]
         if labels is None:
-            return super().forward(hidden_states)
-        return self._labelled_forward(hidden_states, labels)
+            loss, logits = None, self.get_submodule(self._full_head_path)(sequence_output)
+        else:
+            loss, logits = self.get_submodule(self._head_path)(sequence_output, labels=labels)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                             attentions=outputs.attentions)
+        return out if return_dict else out.to_tuple()
 
 
-def _mlm_forward(encoder: nn.Module, full_head: nn.Module, masked_head: nn.Module,
-                 labels: torch.Tensor | None, **encoder_kwargs) -> MaskedLMOutput:
-    """The encoder, then stock logits without labels or the masked-only head and loss with them."""
-    outputs = encoder(return_dict=True, **encoder_kwargs)
-    sequence_output = outputs[0]
-    if labels is None:
-        loss, logits = None, full_head(sequence_output)
-    else:
-        loss, logits = masked_head(sequence_output, labels=labels)
-    return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                          attentions=outputs.attentions)
-
-
-class FastRobertaForMaskedLM(RobertaForMaskedLM):
+class FastRobertaForMaskedLM(_FastMaskedLMMixin, RobertaForMaskedLM):
     """``RobertaForMaskedLM`` whose labelled forward runs the LM head on masked positions only.
 
     Same signature and ``MaskedLMOutput`` as stock; ``loss`` equals stock's (0 instead of NaN when
@@ -148,61 +221,35 @@ class FastRobertaForMaskedLM(RobertaForMaskedLM):
     model with :meth:`convert`.
     """
 
-    @classmethod
-    def convert(cls, model: RobertaForMaskedLM, logits: str = "masked") -> "FastRobertaForMaskedLM":
-        """Switch ``model`` (a ``RobertaForMaskedLM``) to this class in place and return it.
-
-        Only the classes of the model and its ``lm_head`` change: parameters keep their identity,
-        ``state_dict()`` is unchanged and tying stays intact. ``logits``: "masked", "full" or "none".
-        """
-        if not isinstance(model, RobertaForMaskedLM):
-            raise TypeError(f"convert expects a RobertaForMaskedLM, got {type(model).__name__}")
-        if not isinstance(model.lm_head, RobertaLMHead):
-            raise TypeError(f"model.lm_head must be a RobertaLMHead, got "
-                            f"{type(model.lm_head).__name__}")
-        _check_mode(logits)
-        model.__class__ = cls
-        model.lm_head.__class__ = MaskedLMHead
-        model.lm_head.logits_mode = logits
-        return model
-
-    @_can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                labels=None, **kwargs) -> MaskedLMOutput:
-        return _mlm_forward(self.roberta, self.lm_head, self.lm_head, labels, input_ids=input_ids,
-                            attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds,
-                            encoder_hidden_states=encoder_hidden_states,
-                            encoder_attention_mask=encoder_attention_mask, **kwargs)
+    _stock_class = RobertaForMaskedLM
+    _encoder_attr, _head_path, _full_head_path = "roberta", "lm_head", "lm_head"
+    _stock_head_class, _fast_head_class = RobertaLMHead, MaskedLMHead
+    forward, _forward_names = _stock_signature(RobertaForMaskedLM)
 
 
-class FastBertForMaskedLM(BertForMaskedLM):
+class FastXLMRobertaForMaskedLM(_FastMaskedLMMixin, XLMRobertaForMaskedLM):
+    """``XLMRobertaForMaskedLM`` with the masked-only LM head; the XLM-R twin of
+    :class:`FastRobertaForMaskedLM`."""
+
+    _stock_class = XLMRobertaForMaskedLM
+    _encoder_attr, _head_path, _full_head_path = "roberta", "lm_head", "lm_head"
+    _stock_head_class, _fast_head_class = XLMRobertaLMHead, XLMRobertaMaskedLMHead
+    forward, _forward_names = _stock_signature(XLMRobertaForMaskedLM)
+
+
+class FastBertForMaskedLM(_FastMaskedLMMixin, BertForMaskedLM):
     """``BertForMaskedLM`` whose labelled forward runs the MLM head on masked positions only;
     the BERT twin of :class:`FastRobertaForMaskedLM`."""
 
-    @classmethod
-    def convert(cls, model: BertForMaskedLM, logits: str = "masked") -> "FastBertForMaskedLM":
-        """Switch ``model`` (a ``BertForMaskedLM``) to this class in place and return it; see
-        :meth:`FastRobertaForMaskedLM.convert`."""
-        if not isinstance(model, BertForMaskedLM):
-            raise TypeError(f"convert expects a BertForMaskedLM, got {type(model).__name__}")
-        head = model.cls.predictions
-        if not isinstance(head, BertLMPredictionHead):
-            raise TypeError(f"model.cls.predictions must be a BertLMPredictionHead, got "
-                            f"{type(head).__name__}")
-        _check_mode(logits)
-        model.__class__ = cls
-        head.__class__ = MaskedLMPredictionHead
-        head.logits_mode = logits
-        return model
+    _stock_class = BertForMaskedLM
+    _encoder_attr, _head_path, _full_head_path = "bert", "cls.predictions", "cls"
+    _stock_head_class, _fast_head_class = BertLMPredictionHead, MaskedLMPredictionHead
+    forward, _forward_names = _stock_signature(BertForMaskedLM)
 
-    @_can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                labels=None, **kwargs) -> MaskedLMOutput:
-        return _mlm_forward(self.bert, self.cls, self.cls.predictions, labels, input_ids=input_ids,
-                            attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds,
-                            encoder_hidden_states=encoder_hidden_states,
-                            encoder_attention_mask=encoder_attention_mask, **kwargs)
+
+#: stock class -> fast class, for ``roberta_fast.patch``.
+FAST_CLASSES: dict[type, type] = {
+    RobertaForMaskedLM: FastRobertaForMaskedLM,
+    XLMRobertaForMaskedLM: FastXLMRobertaForMaskedLM,
+    BertForMaskedLM: FastBertForMaskedLM,
+}
