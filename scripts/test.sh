@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh), builds the native kernels with CMake and runs ctest (which also
 # proves the CUDA sources compile where nvcc exists), syntax-checks the CUDA half of the bindings,
-# then runs the Python test suite.
+# then runs the Python test suite, and its Hugging Face part again on older transformers releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,3 +21,12 @@ bash scripts/check_cuda_bindings.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 "$PY" -m pytest tests "$@"
+
+# The Hugging Face integration against the oldest supported transformers releases as well
+# (ROBERTA_FAST_TRANSFORMERS="" skips this; a list of versions replaces the default ones).
+if [ "${ROBERTA_FAST_TRANSFORMERS-default}" = default ]; then
+  bash scripts/test_transformers.sh
+elif [ -n "$ROBERTA_FAST_TRANSFORMERS" ]; then
+  # shellcheck disable=SC2086
+  bash scripts/test_transformers.sh $ROBERTA_FAST_TRANSFORMERS
+fi

@@ -7,7 +7,10 @@ import torch
 
 pytest.importorskip("transformers")
 from transformers import BertConfig, RobertaConfig, XLMRobertaConfig  # noqa: E402
-from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
+try:
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:  # transformers 4.x builds the 4-D masks with modeling_attn_mask_utils
+    create_bidirectional_mask = None
 from transformers.models.bert.modeling_bert import BertSelfAttention  # noqa: E402
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention  # noqa: E402
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaSelfAttention  # noqa: E402
@@ -50,9 +53,16 @@ def _padding(batch, seqlen):
 
 
 def _hf_mask(cfg, hidden, mask2d):
+    """The mask the encoder of this transformers release hands its layers."""
+    if create_bidirectional_mask is None:
+        from transformers import modeling_attn_mask_utils as utils
+
+        if cfg._attn_implementation == "sdpa":
+            return utils._prepare_4d_attention_mask_for_sdpa(mask2d, hidden.dtype)
+        return utils._prepare_4d_attention_mask(mask2d, hidden.dtype)
     # The embeddings argument is ``input_embeds`` before transformers 5.x's rename.
-    name = ("inputs_embeds" if "inputs_embeds" in inspect.signature(create_bidirectional_mask).parameters
-            else "input_embeds")
+    params = inspect.signature(create_bidirectional_mask).parameters
+    name = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
     return create_bidirectional_mask(config=cfg, attention_mask=mask2d, **{name: hidden})
 
 

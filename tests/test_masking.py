@@ -137,7 +137,7 @@ def test_collator_in_dataloader():
 def test_trainer_steps_on_patched_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="NOT RUN: transformers.Trainer needs accelerate")
-    from roberta_fast.patch import patch
+    from tests.hf import patch
 
     config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=64,

@@ -15,7 +15,9 @@ transformers = pytest.importorskip("transformers")
 import roberta_fast.backends as rf_backends  # noqa: E402
 from roberta_fast.nn.attention import _FastSelfAttentionMixin, _op  # noqa: E402
 from roberta_fast.nn.encoder import FastRobertaEncoder  # noqa: E402
-from roberta_fast.patch import is_patched, patch, unpatch  # noqa: E402
+from roberta_fast.patch import is_patched, unpatch  # noqa: E402
+from roberta_fast.patch import patch as patch_always  # noqa: E402
+from tests.hf import patch  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
@@ -242,8 +244,9 @@ def test_attn_implementations(impl):
     compare(stock, fast, make_batch("ForSequenceClassification"))
 
 
-def test_fast_path_runs(monkeypatch):
-    """The patched model really calls the fused ops (padded and unpadded)."""
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls of the fused attention ops."""
     calls = {"attention": 0, "attention_varlen": 0}
     import roberta_fast.ops as ops
 
@@ -255,13 +258,24 @@ def test_fast_path_runs(monkeypatch):
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, counting, raising=False)
-    model = patch(make_model("roberta", "Model").eval(), layer_norm=False, mlm_loss=False)
-    batch = make_batch("Model")
-    model(**batch)
-    assert calls == {"attention": 2, "attention_varlen": 0}
-    patch(model, layer_norm=False, mlm_loss=False, unpad=True)
-    model(**batch)
-    assert calls == {"attention": 2, "attention_varlen": 2}
+    return calls
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_fast_path_runs(impl, op_calls):
+    """The patched model really calls the fused op, whichever attention class the release builds
+    for ``impl`` (4.x has a separate ``*SdpaSelfAttention``)."""
+    model = patch(make_model("roberta", "Model", impl=impl).eval(), layer_norm=False,
+                  mlm_loss=False)
+    model(**make_batch("Model"))
+    assert op_calls == {"attention": 2, "attention_varlen": 0}
+
+
+def test_fast_path_runs_unpadded(op_calls):
+    model = patch(make_model("roberta", "Model").eval(), layer_norm=False, mlm_loss=False,
+                  unpad=True)
+    model(**make_batch("Model"))
+    assert op_calls == {"attention": 0, "attention_varlen": 2}
 
 
 @pytest.mark.parametrize("unpad", [False, True])
@@ -345,7 +359,7 @@ def test_bad_options_raise_and_change_nothing():
     model = make_model("roberta", "ForMaskedLM")
     classes = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match="unpad=True needs attention=True"):
-        patch(model, attention=False, unpad=True)
+        patch_always(model, attention=False, unpad=True)
     with pytest.raises(ValueError, match="unknown backend"):
         patch(model, backend="nope")
     with pytest.raises(ValueError, match="mlm_logits"):
@@ -367,7 +381,26 @@ def test_failure_mid_patch_leaves_model_stock(monkeypatch):
 
     monkeypatch.setattr(FastRobertaEncoder, "convert", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        patch(model, layer_norm=False, mlm_loss=False, unpad=True)
+        patch_always(model, layer_norm=False, mlm_loss=False, unpad=True)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert not is_patched(model)
+
+
+def test_unpad_refused_where_layers_cannot_carry_packing():
+    """Layers whose forward takes no **kwargs (transformers 4.x) could not hand the packing to
+    the attention: unpad=True is refused with a clear error and nothing stays patched."""
+    model = make_model("roberta", "Model")
+    layer_cls = type(model.encoder.layer[0])
+
+    class FixedArgumentsLayer(layer_cls):
+        def forward(self, hidden_states, attention_mask=None):
+            return layer_cls.forward(self, hidden_states, attention_mask)
+
+    for layer in model.encoder.layer:
+        layer.__class__ = FixedArgumentsLayer
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="unpad=True needs encoder layers"):
+        patch_always(model, unpad=True)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not is_patched(model)
 

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from roberta_fast.masking import DynamicMaskingCollator  # noqa: E402
-from roberta_fast.patch import patch  # noqa: E402
+from tests.hf import patch  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 VOCAB, PAD, BOS, EOS, MASK = 100, 1, 0, 2, 3
@@ -149,6 +149,20 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_gradients(got: dict, want: dict) -> None:
+    """Gradients of the same batch summed in another order (micro-batches, ranks)."""
+    assert set(got) == set(want)
+    scale = max(float(g.norm()) for g in want.values())
+    for name in want:
+        if name.endswith(_UNIDENTIFIABLE):
+            assert float((got[name] - want[name]).norm()) < 1e-5 * scale
+        else:
+            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: cancelling sums (the
+            # token-type embedding gradient) lose relative precision to a change of order.
+            err = float((got[name] - want[name]).norm())
+            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
+
+
 def test_gradient_accumulation_matches_full_batch():
     model = patch(transformers.RobertaForSequenceClassification(tiny_config()).train(),
                   **fast_options(True))
@@ -163,20 +177,11 @@ def test_gradient_accumulation_matches_full_batch():
         micro = {k: (v[:, :longest] if v.dim() == 2 else v) for k, v in micro.items()}
         (model(**micro).loss / 2).backward()
     got = _grads(model)
-    assert set(got) == set(want)
-    scale = max(float(g.norm()) for g in want.values())
-    for name in want:
-        if name.endswith(_UNIDENTIFIABLE):
-            assert float((got[name] - want[name]).norm()) < 1e-5 * scale
-        else:
-            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: the two runs sum the
-            # same terms in another order, which cancelling sums (the token-type embedding
-            # gradient) lose relative precision to.
-            err = float((got[name] - want[name]).norm())
-            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
+    assert_same_gradients(got, want)
 
 
-def _ddp_worker(rank: int, world: int, path: str, port: int) -> None:
+def _distributed_worker(rank: int, world: int, path: str, port: int) -> None:
+    """One rank: the saved model, patched, wrapped in DDP or FSDP2, on its share of the batch."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -187,11 +192,22 @@ def _ddp_worker(rank: int, world: int, path: str, port: int) -> None:
         model = transformers.RobertaForSequenceClassification(tiny_config())
         model.load_state_dict(saved["state"])
         patch(model.train(), **saved["options"])
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if saved["wrapper"] == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.roberta.encoder.layer:  # each layer its own shard group
+                fully_shard(layer)
+            wrapped = fully_shard(model)
         part = {k: v.chunk(world)[rank] for k, v in saved["batch"].items()}
-        ddp(**part).loss.backward()
+        wrapped(**part).loss.backward()
+        # FSDP leaves each rank a shard of every gradient: gather them (a collective, so on
+        # every rank) before rank 0 saves.
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 .detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         if rank == 0:
-            torch.save(_grads(model), path + ".grads")
+            torch.save(grads, path + ".grads")
     finally:
         dist.destroy_process_group()
 
@@ -205,28 +221,27 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, wrapper):
+    """DistributedDataParallel, and FSDP2 (``fully_shard``), over 2 gloo processes give the
+    gradients of one process on the whole batch."""
     import torch.multiprocessing as mp
 
+    if wrapper == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="NOT RUN: no FSDP in this torch")
+        from torch.distributed import fsdp
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("NOT RUN: this torch has no FSDP2 fully_shard")
     options = fast_options(True)
     model = patch(transformers.RobertaForSequenceClassification(tiny_config()).train(), **options)
     batch = cls_batches(1, batch=8)[0]
     path = os.path.join(tmp_path, "case.pt")
-    torch.save({"state": model.state_dict(), "options": options, "batch": batch}, path)
+    torch.save({"state": model.state_dict(), "options": options, "batch": batch,
+                "wrapper": wrapper}, path)
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
     want = _grads(model)
 
-    mp.spawn(_ddp_worker, args=(2, path, _free_port()), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, path, _free_port()), nprocs=2, join=True)
     got = torch.load(path + ".grads")
-    assert set(got) == set(want)
-    scale = max(float(g.norm()) for g in want.values())
-    for name in want:
-        if name.endswith(_UNIDENTIFIABLE):
-            assert float((got[name] - want[name]).norm()) < 1e-5 * scale
-        else:
-            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: the two runs sum the
-            # same terms in another order, which cancelling sums (the token-type embedding
-            # gradient) lose relative precision to.
-            err = float((got[name] - want[name]).norm())
-            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
+    assert_same_gradients(got, want)

@@ -234,7 +234,9 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         stock = super().forward  # the replaced class's forward, next in the MRO
-        if getattr(self, "is_causal", False) or needs_stock_forward(args, kwargs):
+        if (getattr(self, "is_causal", False) or getattr(self, "is_decoder", False)
+                or getattr(self, "position_embedding_type", "absolute") != "absolute"
+                or needs_stock_forward(args, kwargs)):
             return stock(hidden_states, attention_mask, *args, **kwargs)
 
         dropout_p = self.dropout.p if self.training else 0.0
@@ -326,3 +328,22 @@ FAST_CLASSES: dict[type, type] = {
     BertSelfAttention: FastBertSelfAttention,
     XLMRobertaSelfAttention: FastXLMRobertaSelfAttention,
 }
+
+
+def _sdpa_twins() -> None:
+    """Transformers 4.x picks a ``*SdpaSelfAttention`` subclass for ``attn_implementation="sdpa"``
+    (its default); each one that exists gets a fast twin too, so ``patch`` never skips it."""
+    import importlib
+
+    for family in ("roberta", "bert", "xlm_roberta"):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        for name, stock in vars(module).items():
+            if (name.endswith("SdpaSelfAttention") and isinstance(stock, type)
+                    and stock.__module__ == module.__name__):
+                fast = type(f"Fast{name}", (_FastSelfAttentionMixin, stock), {
+                    "_stock_class": stock, "__module__": __name__,
+                    "__doc__": f"``{name}`` whose forward runs ``roberta_fast.ops.attention``."})
+                FAST_CLASSES[stock] = globals()[fast.__name__] = fast  # found by name: pickle
+
+
+_sdpa_twins()

@@ -23,6 +23,7 @@ tokens), and when some layer's self-attention is not a fast one.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -50,6 +51,22 @@ class _UnpadEncoderMixin(ClassSwapMixin):
     (the cache's name, ``cache_position``) changed between transformers releases and passes
     through untouched to the stock forward.
     """
+
+    @classmethod
+    def convert(cls, module, *, backend: str = "auto"):
+        # Packing reaches the self-attention only through the layers' **kwargs, which transformers
+        # 4.x layers do not take: refuse rather than run packed sequences through stock attention.
+        layers = list(getattr(module, "layer", []))
+        for layer in layers[:1]:
+            params = inspect.signature(type(layer).forward).parameters.values()
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                import transformers
+
+                raise ValueError(
+                    f"unpad=True needs encoder layers that pass keyword arguments on to their "
+                    f"attention (transformers >= 5.0); {type(layer).__name__}.forward of "
+                    f"transformers {transformers.__version__} does not. Pass unpad=False")
+        return super().convert(module, backend=backend)
 
     def _can_unpad(self, hidden_states, args, kwargs) -> bool:
         if (needs_stock_forward(args, kwargs) or getattr(self.config, "is_decoder", False)
