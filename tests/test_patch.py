@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import importlib.util
 import inspect
 import random
@@ -17,7 +18,7 @@ from roberta_fast.nn.attention import _FastSelfAttentionMixin, _op  # noqa: E402
 from roberta_fast.nn.encoder import FastRobertaEncoder  # noqa: E402
 from roberta_fast.patch import is_patched, unpatch  # noqa: E402
 from roberta_fast.patch import patch as patch_always  # noqa: E402
-from tests.hf import patch  # noqa: E402
+from tests.hf import UNPAD_SUPPORTED, patch  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
@@ -201,20 +202,11 @@ def _batch_for(head):
     return make_batch(head, pad=head != "ForQuestionAnswering")
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("option_set", list(OPTION_SETS))
-def test_roberta_heads_match_stock(head, option_set):
-    options = OPTION_SETS[option_set]
-    needs(options, "roberta", head)
-    stock, fast = stock_and_patched("roberta", head, options)
-    mlm_fast_loss = head == "ForMaskedLM" and options.get("mlm_loss", True)
-    compare(stock, fast, _batch_for(head), check_logits=not mlm_fast_loss)
-
-
-@pytest.mark.parametrize("family", ["xlm-roberta", "bert"])
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("option_set", ["attention", "all", "all+unpad"])
-def test_other_families_match_stock(family, head, option_set):
+def test_heads_match_stock(family, head, option_set):
+    """Every head of every family, each option alone and all together, unpad on and off."""
     options = OPTION_SETS[option_set]
     needs(options, family, head)
     stock, fast = stock_and_patched(family, head, options)
@@ -242,6 +234,20 @@ def test_attn_implementations(impl):
     stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
                                     dict(layer_norm=False), impl=impl)
     compare(stock, fast, make_batch("ForSequenceClassification"))
+
+
+@pytest.mark.parametrize("unpad", [False, True])
+def test_flex_attention_block_mask_takes_stock_path(unpad, op_calls):
+    """A flex-attention BlockMask cannot be read as a key-padding mask: the stock attention
+    runs. (Forward only: flex attention has no backward on CPU, stock or patched.)"""
+    stock, fast = stock_and_patched("roberta", "Model", dict(layer_norm=False, unpad=unpad),
+                                    impl="flex_attention")
+    batch = make_batch("Model")
+    real = real_positions(batch)
+    with torch.no_grad():
+        got, want = fast(**batch), stock(**batch)
+    assert rel_err(got.last_hidden_state[real], want.last_hidden_state[real]) < 1e-5
+    assert op_calls == {"attention": 0, "attention_varlen": 0}
 
 
 @pytest.fixture
@@ -323,19 +329,30 @@ def test_optimizer_made_before_patch_keeps_working():
     assert len(moved) > len(before) // 2
 
 
-@pytest.mark.parametrize("family,head", [("roberta", "ForMaskedLM"), ("bert", "Model")])
+@pytest.mark.parametrize("family,head", [("roberta", "ForMaskedLM"), ("xlm-roberta", "ForMaskedLM"),
+                                         ("bert", "Model")])
 def test_save_pretrained_loads_in_stock_transformers(tmp_path, family, head):
-    options = dict(layer_norm=False, mlm_loss=False, unpad=True)
-    model = patch(make_model(family, head).eval(), **options)
+    model = patch(make_model(family, head).eval(), unpad=UNPAD_SUPPORTED)
     model.save_pretrained(tmp_path)
-    stock_cls = getattr(transformers, f"{FAMILIES[family]}{head}")
-    loaded = stock_cls.from_pretrained(tmp_path).eval()
+    stock_name = f"{FAMILIES[family]}{head}"
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["architectures"] == [stock_name]
+    assert is_patched(model) and type(model).__module__.startswith("roberta_fast") == (
+        head == "ForMaskedLM")
+    loaded = getattr(transformers, stock_name).from_pretrained(tmp_path).eval()
     assert not any(type(m).__module__.startswith("roberta_fast") for m in loaded.modules())
     mine = model.state_dict()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, mine[key]), key
     auto = transformers.AutoModel.from_pretrained(tmp_path)
     assert auto.config.model_type == model.config.model_type
+    # from_pretrained, then patch: the same model as the one saved.
+    again = patch(loaded, unpad=UNPAD_SUPPORTED)
+    batch = make_batch(head)
+    with torch.no_grad():
+        a, b = again(**batch), model(**batch)
+    key = "loss" if head == "ForMaskedLM" else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))
 
 
 @pytest.mark.parametrize("bad", ["gpt2", "linear", "string"])

@@ -183,6 +183,18 @@ class _FastMaskedLMMixin:
         head.logits_mode = logits
         return model
 
+    def save_pretrained(self, *args, **kwargs):
+        """The stock ``save_pretrained``, run as the stock class: ``config.json`` names the
+        architecture the class's name, and it must be the stock one for stock transformers (and
+        pipelines, and the hub) to read the model back."""
+        fast = type(self)
+        stock = fast._stock_class
+        self.__class__ = stock
+        try:
+            return stock.save_pretrained(self, *args, **kwargs)
+        finally:
+            self.__class__ = fast
+
     def _fused_forward(self, *args, **kwargs):
         """The stock signature; with ``labels`` the LM head runs on the labelled positions only.
 
