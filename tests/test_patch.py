@@ -240,8 +240,14 @@ def test_attn_implementations(impl):
 def test_flex_attention_block_mask_takes_stock_path(unpad, op_calls):
     """A flex-attention BlockMask cannot be read as a key-padding mask: the stock attention
     runs. (Forward only: flex attention has no backward on CPU, stock or patched.)"""
-    stock, fast = stock_and_patched("roberta", "Model", dict(layer_norm=False, unpad=unpad),
-                                    impl="flex_attention")
+    try:
+        stock, fast = stock_and_patched("roberta", "Model", dict(layer_norm=False, unpad=unpad),
+                                        impl="flex_attention")
+    except ValueError as exc:
+        if "does not support" not in str(exc):
+            raise
+        pytest.skip(f"NOT RUN: transformers {transformers.__version__} has no flex attention for "
+                    "RoBERTa")
     batch = make_batch("Model")
     real = real_positions(batch)
     with torch.no_grad():
