@@ -137,13 +137,13 @@ def test_collator_in_dataloader():
 def test_trainer_steps_on_patched_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="NOT RUN: transformers.Trainer needs accelerate")
-    from tests.hf import patch
+    from tests.hf import UNPAD_SUPPORTED, patch
 
     config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, intermediate_size=64,
                                         max_position_embeddings=40, pad_token_id=PAD)
     model = transformers.RobertaForMaskedLM(config)
-    options = dict(layer_norm=False, mlm_loss=False, unpad=True)
+    options = dict(layer_norm=False, mlm_loss=False, unpad=UNPAD_SUPPORTED)
     for module in ("layer_norm_residual", "masked_lm_loss"):
         try:
             __import__(f"roberta_fast.nn.{module}")

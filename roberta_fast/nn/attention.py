@@ -90,7 +90,12 @@ def _active_collector() -> dict | None:
         from transformers.utils.output_capturing import _active_collector as collector
     except ImportError:  # older or newer transformers without this mechanism
         return None
-    got = collector.get()
+    if torch.compiler.is_compiling():
+        # Under torch.compile transformers keeps the collector in a plain attribute (ContextVar
+        # reads break the graph), set only when a compiled forward started collecting.
+        got = collector.global_var if getattr(collector, "compiling", False) else None
+    else:
+        got = collector.get()
     return got if isinstance(got, dict) else None
 
 
