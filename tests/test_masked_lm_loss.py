@@ -50,6 +50,22 @@ def run(backend, hidden, weight, bias, labels, **kwargs):
     return loss.detach(), (h.grad, w.grad, b.grad)
 
 
+def rounded_logit_grad_floor(hidden, weight, bias, labels, dtype, ref_grads):
+    """Errors of dweight and dbias when the exact per-row logit gradients are rounded to ``dtype``
+    and then summed exactly: what a kernel that keeps the logit gradient in ``dtype`` (as ours
+    does, in place of the logits) cannot beat. Over few rows these sums cancel, and this can be
+    far above plain PyTorch's lucky error on a handful of numbers."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1).long()
+    keep = flat != IGNORE
+    if not bool(keep.any()):
+        return 0.0, 0.0
+    probs = torch.softmax(F.linear(h[keep], weight.double(), bias.double()), dim=-1)
+    grad = (probs - F.one_hot(flat[keep], probs.shape[-1]).double()) / int(keep.sum())
+    grad = grad.to(dtype).double()
+    return rel_err(grad.T @ h[keep], ref_grads[1]), rel_err(grad.sum(0), ref_grads[2])
+
+
 def check_against_reference(backend, hidden, weight, bias, labels, dtype, **kwargs):
     loss, grads = run(backend, hidden, weight, bias, labels, **kwargs)
     assert loss.dtype == dtype and loss.shape == ()
@@ -59,9 +75,12 @@ def check_against_reference(backend, hidden, weight, bias, labels, dtype, **kwar
     # twice plain PyTorch's (which can be lucky on a single number).
     errs = [assert_close(loss, ref_loss, baseline=base_loss, dtype=dtype, name="loss",
                          floor=4 * torch.finfo(dtype).eps)]
-    for name, g, r, base in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, base_grads):
+    floors = (None,) + tuple(2 * f or None for f in rounded_logit_grad_floor(
+        hidden, weight, bias, labels, dtype, ref_grads))
+    for name, g, r, base, floor in zip(("dhidden", "dweight", "dbias"), grads, ref_grads,
+                                       base_grads, floors):
         assert g.dtype == dtype and g.shape == r.shape, name
-        errs.append(assert_close(g, r, baseline=base, dtype=dtype, name=name))
+        errs.append(assert_close(g, r, baseline=base, dtype=dtype, name=name, floor=floor))
     return errs
 
 
