@@ -118,53 +118,88 @@ void dispatch_cpu(at::ScalarType io, at::ScalarType param, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
+void check_fwd(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+               const at::Tensor& bias, double eps, double dropout_p,
+               const c10::optional<at::Tensor>& seed) {
   check_common(x, residual, weight, dropout_p, seed);
   check_bias(weight, bias);
   TORCH_CHECK_VALUE(eps > 0.0, "layer_norm_residual: eps must be > 0, got ", eps);
-  const int64_t rows = x.size(0), hidden = x.size(1);
+}
+
+void check_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+               const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd,
+               double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_common(x, residual, weight, dropout_p, seed);
+  check_stats(x, dy, mean, rstd);
+}
+
+// The forward and backward shells both devices share once their inputs are checked: allocate the
+// outputs, have the device's `launch` fill them, return them. Keeping allocation here keeps the
+// outputs (shapes, dtypes, the empty dx) the same whichever device runs.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_fwd(const at::Tensor& x, Launch&& launch) {
+  const int64_t rows = x.size(0);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  const uint64_t seed_value = dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
-    using T = decltype(t);
-    using W = decltype(w);
-    roberta_fast::cpu::layer_norm_residual_fwd<T, W>(
-        x.const_data_ptr<T>(), residual.const_data_ptr<T>(), weight.const_data_ptr<W>(),
-        bias.const_data_ptr<W>(), y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
-        rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
-        static_cast<float>(dropout_p), seed_value);
-  });
+  launch(y, mean, rstd);
   return {y, mean, rstd};
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& x,
+                                                                   const at::Tensor& weight,
+                                                                   bool dropout, Launch&& launch) {
+  at::Tensor dresidual = at::empty_like(x);
+  at::Tensor dx = dropout ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dweight = at::empty_like(weight);
+  at::Tensor dbias = at::empty_like(weight);
+  launch(dresidual, dx, dweight, dbias);
+  return {dresidual, dx, dweight, dbias};
+}
+
+uint64_t cpu_seed_value(double dropout_p, const c10::optional<at::Tensor>& seed) {
+  return dropout_p > 0.0 ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_fwd(x, residual, weight, bias, eps, dropout_p, seed);
+  return run_fwd(x, [&](at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+    const uint64_t seed_value = cpu_seed_value(dropout_p, seed);
+    dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
+      using T = decltype(t);
+      using W = decltype(w);
+      roberta_fast::cpu::layer_norm_residual_fwd<T, W>(
+          x.const_data_ptr<T>(), residual.const_data_ptr<T>(), weight.const_data_ptr<W>(),
+          bias.const_data_ptr<W>(), y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
+          rstd.mutable_data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps),
+          static_cast<float>(dropout_p), seed_value);
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
     const c10::optional<at::Tensor>& seed) {
-  check_common(x, residual, weight, dropout_p, seed);
-  check_stats(x, dy, mean, rstd);
-  const int64_t rows = x.size(0), hidden = x.size(1);
+  check_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed);
   const bool dropout = dropout_p > 0.0;
-  at::Tensor dresidual = at::empty_like(x);
-  at::Tensor dx = dropout ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor dweight = at::empty_like(weight);
-  at::Tensor dbias = at::empty_like(weight);
-  const uint64_t seed_value = dropout ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
-    using T = decltype(t);
-    using W = decltype(w);
-    roberta_fast::cpu::layer_norm_residual_bwd<T, W>(
-        dy.const_data_ptr<T>(), x.const_data_ptr<T>(), residual.const_data_ptr<T>(),
-        weight.const_data_ptr<W>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-        dresidual.mutable_data_ptr<T>(), dropout ? dx.mutable_data_ptr<T>() : nullptr,
-        dweight.mutable_data_ptr<W>(), dbias.mutable_data_ptr<W>(), rows, hidden,
-        static_cast<float>(dropout_p), seed_value);
+  return run_bwd(x, weight, dropout, [&](at::Tensor& dresidual, at::Tensor& dx,
+                                         at::Tensor& dweight, at::Tensor& dbias) {
+    const uint64_t seed_value = cpu_seed_value(dropout_p, seed);
+    dispatch_cpu(x.scalar_type(), weight.scalar_type(), [&](auto t, auto w) {
+      using T = decltype(t);
+      using W = decltype(w);
+      roberta_fast::cpu::layer_norm_residual_bwd<T, W>(
+          dy.const_data_ptr<T>(), x.const_data_ptr<T>(), residual.const_data_ptr<T>(),
+          weight.const_data_ptr<W>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+          dresidual.mutable_data_ptr<T>(), dropout ? dx.mutable_data_ptr<T>() : nullptr,
+          dweight.mutable_data_ptr<W>(), dbias.mutable_data_ptr<W>(), x.size(0), x.size(1),
+          static_cast<float>(dropout_p), seed_value);
+    });
   });
-  return {dresidual, dx, dweight, dbias};
 }
 
 #ifdef WITH_CUDA
@@ -185,63 +220,58 @@ const int64_t* cuda_seed_ptr(double dropout_p, const c10::optional<at::Tensor>& 
   return dropout_p > 0.0 ? seed->const_data_ptr<int64_t>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
-  check_common(x, residual, weight, dropout_p, seed);
-  check_bias(weight, bias);
-  TORCH_CHECK_VALUE(eps > 0.0, "layer_norm_residual: eps must be > 0, got ", eps);
+// The CUDA kernels keep a row in registers, which bounds H.
+void check_cuda_hidden(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.size(1) <= roberta_fast::cuda::layer_norm_residual_max_hidden(
                                      cuda_dtype(x.scalar_type())),
                     "layer_norm_residual: H = ", x.size(1), " is larger than the cuda kernels "
                     "support; use the triton backend");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, double dropout_p, const c10::optional<at::Tensor>& seed) {
+  check_fwd(x, residual, weight, bias, eps, dropout_p, seed);
+  check_cuda_hidden(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  check_cuda(roberta_fast::cuda::layer_norm_residual_fwd(
-                 cuda_dtype(x.scalar_type()), cuda_dtype(weight.scalar_type()), x.const_data_ptr(),
-                 residual.const_data_ptr(), weight.const_data_ptr(), bias.const_data_ptr(),
-                 y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
-                 rstd.mutable_data_ptr<float>(), rows, hidden, static_cast<float>(eps),
-                 static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
-                 c10::cuda::getCurrentCUDAStream()),
-             "layer_norm_residual_fwd");
-  return {y, mean, rstd};
+  return run_fwd(x, [&](at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+    check_cuda(roberta_fast::cuda::layer_norm_residual_fwd(
+                   cuda_dtype(x.scalar_type()), cuda_dtype(weight.scalar_type()),
+                   x.const_data_ptr(), residual.const_data_ptr(), weight.const_data_ptr(),
+                   bias.const_data_ptr(), y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
+                   rstd.mutable_data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps),
+                   static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
+                   c10::cuda::getCurrentCUDAStream()),
+               "layer_norm_residual_fwd");
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
     const c10::optional<at::Tensor>& seed) {
-  check_common(x, residual, weight, dropout_p, seed);
-  check_stats(x, dy, mean, rstd);
-  TORCH_CHECK_VALUE(x.size(1) <= roberta_fast::cuda::layer_norm_residual_max_hidden(
-                                     cuda_dtype(x.scalar_type())),
-                    "layer_norm_residual: H = ", x.size(1), " is larger than the cuda kernels "
-                    "support; use the triton backend");
+  check_bwd(dy, x, residual, weight, mean, rstd, dropout_p, seed);
+  check_cuda_hidden(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), hidden = x.size(1);
   const bool dropout = dropout_p > 0.0;
-  const auto io = cuda_dtype(x.scalar_type());
-  at::Tensor dresidual = at::empty_like(x);
-  at::Tensor dx = dropout ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor dweight = at::empty_like(weight);
-  at::Tensor dbias = at::empty_like(weight);
-  // fp32 partial dweight/dbias of each backward block, reduced by a second kernel.
-  const int64_t parts = roberta_fast::cuda::layer_norm_residual_bwd_parts(io, rows, hidden);
-  at::Tensor workspace = at::empty({parts * 2 * hidden}, x.options().dtype(at::kFloat));
-  check_cuda(roberta_fast::cuda::layer_norm_residual_bwd(
-                 io, cuda_dtype(weight.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
-                 residual.const_data_ptr(), weight.const_data_ptr(), mean.const_data_ptr<float>(),
-                 rstd.const_data_ptr<float>(), dresidual.mutable_data_ptr(),
-                 dropout ? dx.mutable_data_ptr() : nullptr, dweight.mutable_data_ptr(),
-                 dbias.mutable_data_ptr(), workspace.mutable_data_ptr<float>(), parts, rows,
-                 hidden, static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
-                 c10::cuda::getCurrentCUDAStream()),
-             "layer_norm_residual_bwd");
-  return {dresidual, dx, dweight, dbias};
+  return run_bwd(x, weight, dropout, [&](at::Tensor& dresidual, at::Tensor& dx,
+                                         at::Tensor& dweight, at::Tensor& dbias) {
+    const int64_t rows = x.size(0), hidden = x.size(1);
+    const auto io = cuda_dtype(x.scalar_type());
+    // fp32 partial dweight/dbias of each backward block, reduced by a second kernel.
+    const int64_t parts = roberta_fast::cuda::layer_norm_residual_bwd_parts(io, rows, hidden);
+    at::Tensor workspace = at::empty({parts * 2 * hidden}, x.options().dtype(at::kFloat));
+    check_cuda(roberta_fast::cuda::layer_norm_residual_bwd(
+                   io, cuda_dtype(weight.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
+                   residual.const_data_ptr(), weight.const_data_ptr(),
+                   mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+                   dresidual.mutable_data_ptr(), dropout ? dx.mutable_data_ptr() : nullptr,
+                   dweight.mutable_data_ptr(), dbias.mutable_data_ptr(),
+                   workspace.mutable_data_ptr<float>(), parts, rows, hidden,
+                   static_cast<float>(dropout_p), cuda_seed_ptr(dropout_p, seed),
+                   c10::cuda::getCurrentCUDAStream()),
+               "layer_norm_residual_bwd");
+  });
 }
 #endif  // WITH_CUDA
 

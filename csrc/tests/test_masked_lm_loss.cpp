@@ -3,6 +3,7 @@
 // label (NaN row, never an out-of-bounds read), padded row strides (padding left untouched),
 // int32 and int64 labels, and fp16/bf16 storage. Exits non-zero on any mismatch.
 #include "cpu/masked_lm_loss.h"
+#include "masked_lm_loss_reference.h"
 
 #include <cmath>
 #include <cstdio>
@@ -13,6 +14,9 @@
 namespace {
 
 using roberta_fast::cpu::masked_lm_loss_rows;
+using roberta_fast::testing::masked_lm_loss_reference;
+using roberta_fast::testing::MaskedLmLossReference;
+using roberta_fast::testing::relative_error;
 
 int failures = 0;
 std::mt19937_64 rng{std::random_device{}()};
@@ -22,40 +26,6 @@ void expect(bool ok, const std::string& what) {
     ++failures;
     std::printf("FAIL: %s\n", what.c_str());
   }
-}
-
-struct Reference {
-  std::vector<double> loss;  // per row
-  std::vector<double> grad;  // rows x vocab
-};
-
-// Naive two-pass log-sum-exp in double on the values the kernel sees (after storage rounding).
-Reference reference(const std::vector<double>& x, const std::vector<int64_t>& labels, int64_t rows,
-                    int64_t vocab, int64_t ignore_index, double scale) {
-  Reference ref{std::vector<double>(rows, 0.0), std::vector<double>(rows * vocab, 0.0)};
-  for (int64_t r = 0; r < rows; ++r) {
-    if (labels[r] == ignore_index) continue;
-    const double* row = &x[r * vocab];
-    double m = row[0];
-    for (int64_t v = 1; v < vocab; ++v) m = std::max(m, row[v]);
-    double s = 0.0;
-    for (int64_t v = 0; v < vocab; ++v) s += std::exp(row[v] - m);
-    ref.loss[r] = m + std::log(s) - row[labels[r]];
-    for (int64_t v = 0; v < vocab; ++v) {
-      ref.grad[r * vocab + v] = (std::exp(row[v] - m) / s - (v == labels[r] ? 1.0 : 0.0)) * scale;
-    }
-  }
-  return ref;
-}
-
-double rel(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return den == 0.0 ? std::sqrt(num) : std::sqrt(num / den);
 }
 
 template <typename T, typename L>
@@ -88,7 +58,8 @@ void run_case(const char* tname, int64_t rows, int64_t vocab, int64_t pad, doubl
     labelled += labels64[r] != ignore_index;
   }
   const double scale = 1.0 / std::max<int64_t>(labelled, 1);
-  const Reference ref = reference(seen, labels64, rows, vocab, ignore_index, scale);
+  const MaskedLmLossReference ref =
+      masked_lm_loss_reference(seen, labels64, rows, vocab, ignore_index, scale);
 
   std::vector<float> losses(rows, NAN);
   masked_lm_loss_rows<T, L>(logits.data(), labels.data(), rows, vocab, stride, ignore_index,
@@ -106,8 +77,8 @@ void run_case(const char* tname, int64_t rows, int64_t vocab, int64_t pad, doubl
       }
     }
   }
-  const double e_loss = rel(got_loss, ref.loss);
-  const double e_grad = rel(got_grad, ref.grad);
+  const double e_loss = relative_error(got_loss, ref.loss);
+  const double e_grad = relative_error(got_grad, ref.grad);
   char what[256];
   std::snprintf(what, sizeof(what), "%s rows=%lld vocab=%lld pad=%lld |x|~%g: loss err %.3e, grad err %.3e (tol %.1e)",
                 tname, static_cast<long long>(rows), static_cast<long long>(vocab),
@@ -134,7 +105,8 @@ void run_case(const char* tname, int64_t rows, int64_t vocab, int64_t pad, doubl
   masked_lm_loss_rows<T, L>(copy.data(), labels.data(), rows, vocab, stride, ignore_index,
                             static_cast<float>(scale), /*write_grad=*/false, losses2.data());
   std::vector<double> got_loss2(losses2.begin(), losses2.end());
-  expect(rel(got_loss2, ref.loss) <= tol, std::string(what) + ": loss without gradient differs");
+  expect(relative_error(got_loss2, ref.loss) <= tol,
+         std::string(what) + ": loss without gradient differs");
   bool untouched = true;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t v = 0; v < vocab; ++v)

@@ -3,6 +3,7 @@
 // row stride, logits of magnitude ~1e4, ignored rows, a bad label (NaN, never an out-of-bounds
 // access) and loss-only mode. Exits non-zero on a mismatch or a CUDA error.
 #include "cuda/masked_lm_loss.h"
+#include "masked_lm_loss_reference.h"
 
 #include <cmath>
 #include <cstdio>
@@ -17,6 +18,9 @@
 namespace {
 
 using roberta_fast::cuda::DType;
+using roberta_fast::testing::masked_lm_loss_reference;
+using roberta_fast::testing::MaskedLmLossReference;
+using roberta_fast::testing::relative_error;
 
 int failures = 0;
 std::mt19937_64 rng{std::random_device{}()};
@@ -49,16 +53,6 @@ template <> DType kind<float>() { return DType::kFloat32; }
 template <> DType kind<__half>() { return DType::kFloat16; }
 template <> DType kind<__nv_bfloat16>() { return DType::kBFloat16; }
 
-double rel(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return den == 0.0 ? std::sqrt(num) : std::sqrt(num / den);
-}
-
 template <typename T, typename L>
 void run_case(const char* name, int64_t rows, int64_t vocab, int64_t pad, double magnitude,
               double tol) {
@@ -82,18 +76,8 @@ void run_case(const char* name, int64_t rows, int64_t vocab, int64_t pad, double
   }
   const float scale = 1.0f / static_cast<float>(labelled > 0 ? labelled : 1);
 
-  std::vector<double> ref_loss(rows, 0.0), ref_grad(rows * vocab, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    if (labels[r] == ignore_index) continue;
-    const double* x = &seen[r * vocab];
-    double m = x[0];
-    for (int64_t v = 1; v < vocab; ++v) m = std::max(m, x[v]);
-    double s = 0.0;
-    for (int64_t v = 0; v < vocab; ++v) s += std::exp(x[v] - m);
-    ref_loss[r] = m + std::log(s) - x[labels[r]];
-    for (int64_t v = 0; v < vocab; ++v)
-      ref_grad[r * vocab + v] = (std::exp(x[v] - m) / s - (v == labels[r])) * scale;
-  }
+  const MaskedLmLossReference ref =
+      masked_lm_loss_reference(seen, labels, rows, vocab, ignore_index, scale);
 
   T* d_logits;
   L* d_labels;
@@ -132,8 +116,8 @@ void run_case(const char* name, int64_t rows, int64_t vocab, int64_t pad, double
       }
     }
     char what[256];
-    const double e_loss = rel(got_loss, ref_loss);
-    const double e_grad = write_grad ? rel(got, ref_grad) : 0.0;
+    const double e_loss = relative_error(got_loss, ref.loss);
+    const double e_grad = write_grad ? relative_error(got, ref.grad) : 0.0;
     std::snprintf(what, sizeof(what),
                   "%s rows=%lld vocab=%lld pad=%lld |x|~%g write_grad=%d: loss %.3e grad %.3e",
                   name, (long long)rows, (long long)vocab, (long long)pad, magnitude, write_grad,

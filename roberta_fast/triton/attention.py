@@ -368,6 +368,35 @@ def _bwd_delta_kernel(O, DO, DELTA, CU,
 
 
 @triton.jit
+def _bwd_head_setup(Q, K, V, DO, LSE, DELTA, SEED, b64, h64, tok0,
+                    stride_qb, stride_qt, stride_qh,
+                    stride_kb, stride_kt, stride_kh,
+                    stride_vb, stride_vt, stride_vh,
+                    stride_dob, stride_dot, stride_doh,
+                    stride_lb, stride_lh,
+                    DROPOUT: tl.constexpr):
+    """Inputs of one (sequence, head) for both backward kernels.
+
+    Returns the pointers to token 0 of the sequence in Q, K, V and dO and in LSE and delta (laid
+    out alike), then the dropout seed (0 without dropout). Called after the all-padding early
+    exit, so that padding-only programs skip the seed load. The key padding mask pointer stays in
+    the kernels: dK/dV reads it only after its loop, and computing it here would keep it live
+    across that loop.
+    """
+    q_base = Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
+    k_base = K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
+    do_base = DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh + tok0
+    delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + tok0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    return q_base, k_base, v_base, do_base, lse_base, delta_base, seed
+
+
+@triton.jit
 def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
                  drop_cols, seed, lo, hi, q_end, qk_scale, p_drop, keep_scale, Lmax, offs_m, offs_d,
                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -443,22 +472,18 @@ def _attn_bwd_dkdv_kernel(
         _store_rows(dv_ptrs, zero.to(DV.dtype.element_ty), offs_n, seqlen, offs_d, HEAD_DIM, EVEN_D)
         return
 
-    k = _load_rows(K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
-                   + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, n_end, offs_d, HEAD_DIM,
-                   True, EVEN_D)
-    v = _load_rows(V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
-                   + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, n_end, offs_d, HEAD_DIM,
-                   True, EVEN_D)
-    q_base = Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
-    lse_base = LSE + b64 * stride_lb + h64 * stride_lh + tok0
-    delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + tok0
-
+    q_base, k_base, v_base, do_base, lse_base, delta_base, seed = _bwd_head_setup(
+        Q, K, V, DO, LSE, DELTA, SEED, b64, h64, tok0,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+        stride_lb, stride_lh, DROPOUT)
+    k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, n_end, offs_d,
+                   HEAD_DIM, True, EVEN_D)
+    v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, n_end, offs_d,
+                   HEAD_DIM, True, EVEN_D)
     if DROPOUT:
-        seed = tl.load(SEED)
         drop_cols = (b64 * num_heads + h64) * Lmax * Lmax + offs_n.to(tl.int64)
     else:
-        seed = 0
         drop_cols = offs_n.to(tl.int64)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -551,24 +576,21 @@ def _attn_bwd_dq_kernel(
                     seqlen, offs_d, HEAD_DIM, EVEN_D)
         return
 
-    q = _load_rows(Q + b64 * stride_qb + tok0 * stride_qt + h64 * stride_qh
-                   + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
+    q_base, k_base, v_base, do_base, lse_base, delta_base, seed = _bwd_head_setup(
+        Q, K, V, DO, LSE, DELTA, SEED, b64, h64, tok0,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+        stride_lb, stride_lh, DROPOUT)
+    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
-    do = _load_rows(DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d,
-                    HEAD_DIM, True, EVEN_D)
-    lse_rows = b64 * stride_lb + h64 * stride_lh + tok0 + offs_m
-    lse2 = tl.load(LSE + lse_rows, mask=offs_m < seqlen, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + lse_rows, mask=offs_m < seqlen, other=0.0)
-    k_base = K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
-    v_base = V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
+    do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen,
+                    offs_d, HEAD_DIM, True, EVEN_D)
+    lse2 = tl.load(lse_base + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
+    delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen, other=0.0)
     kpm_base = KPM + b64 * stride_mb
-
     if DROPOUT:
-        seed = tl.load(SEED)
         drop_rows = ((b64 * num_heads + h64) * Lmax + offs_m.to(tl.int64)) * Lmax
     else:
-        seed = 0
         drop_rows = offs_m.to(tl.int64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
