@@ -137,14 +137,17 @@ def _sdpa_padded(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
                  dropout_p: float, scale: float) -> Tensor:
     attn_mask = None
     if key_padding_mask is not None:
-        # Padded query rows attend to every key: a row with no allowed key would be NaN in the
-        # softmax (and in its gradient); those rows are zeroed below anyway.
-        attn_mask = key_padding_mask[:, None, None, :] | ~key_padding_mask[:, None, :, None]
+        # A broadcast [B, 1, 1, L] mask: one that varies by query row costs SDPA a [B, L, L]
+        # mask. A sequence with no real token would leave every key blocked and its rows NaN, so
+        # its rows see all keys; padded rows are zeroed below, by a multiply (cheaper here than
+        # masked_fill; the rows are finite for finite inputs).
+        allowed = key_padding_mask | ~key_padding_mask.any(-1, keepdim=True)
+        attn_mask = allowed[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     out = out.transpose(1, 2)
     if key_padding_mask is not None:
-        out = out.masked_fill(~key_padding_mask[:, :, None, None], 0.0)
+        out = out * key_padding_mask[:, :, None, None].to(out.dtype)
     return out.contiguous()
 
 
