@@ -6,8 +6,9 @@ from the seed (the forward stores only mean/rstd), and writes its partial dweigh
 ``[programs, H]`` in fp32; the partials are summed afterwards (no atomics).
 
 Dropout: element ``o = row * H + col`` is kept iff the uniform float of word ``o & 3`` of
-``tl.randint4x(seed, o >> 2)`` is > p: one Philox call per four elements, the rule of the CPU and
-CUDA kernels too (csrc/common/philox.h).
+``tl.randint4x(seed, o >> 2)`` is > p, the rule of the CPU and CUDA kernels too
+(csrc/common/philox.h). When ``H % 4 == 0`` (every RoBERTa size) one Philox call serves four
+elements, as there; otherwise each element computes its counter's four words.
 
 The kernels are exposed as the custom ops ``roberta_fast::layer_norm_residual_triton_fwd`` and
 ``..._bwd`` (autograd is registered in ``roberta_fast.ops.layer_norm_residual``).
@@ -34,18 +35,26 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _uniform(seed, offs):
-    # Word offs & 3 of Philox counter offs >> 2 (csrc/common/philox.h). The interpreter and the
-    # compiler evaluate all four words per element here; the CPU/CUDA kernels share one call.
-    r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
-    word = offs & 3
-    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+def _uniform(seed, offs, row_base, BLOCK: tl.constexpr, ALIGNED4: tl.constexpr):
+    """Uniform floats of the elements ``offs`` (``row_base + arange(BLOCK)``): word ``o & 3`` of
+    Philox counter ``o >> 2`` (csrc/common/philox.h)."""
+    if ALIGNED4:
+        # row_base is a multiple of 4, so counters row_base / 4 + i cover elements 4i .. 4i + 3
+        # in word order: one Philox call per four elements, its words interleaved into place.
+        r0, r1, r2, r3 = tl.randint4x(seed, (row_base >> 2) + tl.arange(0, BLOCK // 4))
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    else:
+        # Rows that start mid-counter: every element computes its counter's four words.
+        r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
+        word = offs & 3
+        bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
     return tl.uint_to_uniform_float(bits)
 
 
 @triton.jit
 def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
-                HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED4: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -54,7 +63,7 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
     r = tl.load(R + offs, mask=inside, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(Seed)
-        keep = _uniform(seed, offs) > p
+        keep = _uniform(seed, offs, row * H, BLOCK, ALIGNED4) > p
         x = tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
     s = x + r
     mean = tl.sum(s, axis=0) / H
@@ -73,7 +82,8 @@ def _fwd_kernel(X, R, W, B, Y, Mean, Rstd, Seed, H, eps, p,
 
 @triton.jit
 def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H, rows_per_prog,
-                p, HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                p, HAS_DROPOUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                ALIGNED4: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -90,7 +100,7 @@ def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H
         r = tl.load(R + offs, mask=inside, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=inside, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _uniform(seed, offs) > p
+            keep = _uniform(seed, offs, row * H, BLOCK, ALIGNED4) > p
             x = tl.where(keep, x * (1.0 / (1.0 - p)), 0.0)
         mean = tl.load(Mean + row)
         rstd = tl.load(Rstd + row)
@@ -116,6 +126,12 @@ def _bwd_kernel(DY, X, R, W, Mean, Rstd, Seed, DRes, DX, DWPart, DBPart, rows, H
 
 def _round_bf16_by_hand(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and backends.interpreting()
+
+
+def _aligned4(hidden: int, block: int) -> bool:
+    """Whether every row starts on a Philox counter (H % 4 == 0), so that one call serves four
+    elements (the block then spans whole counters too)."""
+    return hidden % 4 == 0 and block >= 4
 
 
 def _num_warps(block: int) -> int:
@@ -172,7 +188,8 @@ def layer_norm_residual_triton_fwd(x: torch.Tensor, residual: torch.Tensor, weig
         _fwd_kernel[(rows,)](x, residual, weight, bias, y, mean, rstd,
                              seed if has_dropout else mean, hidden, eps, dropout_p,
                              HAS_DROPOUT=has_dropout, ROUND_BF16=_round_bf16_by_hand(x),
-                             BLOCK=block, num_warps=_num_warps(block))
+                             BLOCK=block, ALIGNED4=_aligned4(hidden, block),
+                             num_warps=_num_warps(block))
     return y, mean, rstd
 
 
@@ -211,7 +228,7 @@ def layer_norm_residual_triton_bwd(dy: torch.Tensor, x: torch.Tensor, residual: 
                              dres, dx if has_dropout else dres, dw_part, db_part, rows, hidden,
                              rows_per_prog, dropout_p, HAS_DROPOUT=has_dropout,
                              ROUND_BF16=_round_bf16_by_hand(x), BLOCK=block,
-                             num_warps=_num_warps(block))
+                             ALIGNED4=_aligned4(hidden, block), num_warps=_num_warps(block))
     return dres, dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
