@@ -157,10 +157,12 @@ def assert_same_gradients(got: dict, want: dict) -> None:
         if name.endswith(_UNIDENTIFIABLE):
             assert float((got[name] - want[name]).norm()) < 1e-5 * scale
         else:
-            # Relative 1e-5, plus a floor of 1e-6 of the largest gradient: cancelling sums (the
-            # token-type embedding gradient) lose relative precision to a change of order.
+            # Relative 1e-5, plus a floor of 1e-5 of the largest gradient: cancelling sums (the
+            # token-type embedding gradient, a sum over every token whose norm is a quarter of
+            # the largest) lose relative precision to a change of order; FSDP's reduce-scatter
+            # measured 3.9e-6 of the largest there. A lost or doubled shard would be ~1e-1.
             err = float((got[name] - want[name]).norm())
-            assert err < 1e-5 * float(want[name].norm()) + 1e-6 * scale, name
+            assert err < 1e-5 * float(want[name].norm()) + 1e-5 * scale, name
 
 
 def test_gradient_accumulation_matches_full_batch():
