@@ -76,7 +76,11 @@ def _assert_grads(got, ref, base):
             err = float((got[name].double() - ref[name]).norm()) / scale
             assert err < 1e-6, f"grad {name}: {err:.3e} of the largest gradient, should be ~0"
         else:
-            assert_close(got[name], ref[name], baseline=base[name], name=f"grad {name}")
+            # A parameter gradient is a sum over every token, and the ratio of two such rounding
+            # errors has a long tail: over 600 cases err / stock fp32 err had p99 2.06 and max
+            # 2.26 (a bias), one CI run 2.55 (query.weight). Parameters get 3x, as in test_patch.
+            assert_close(got[name], ref[name], baseline=base[name], name=f"grad {name}",
+                         factor=3.0)
 
 
 class _Counter:
