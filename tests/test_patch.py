@@ -167,9 +167,13 @@ def compare(stock, fast, batch: dict, *, tol: float = 1e-5, check_logits: bool =
         if float(want.norm()) < 1e-7 * scale:
             # Vanishes in exact arithmetic (the key bias; the multiple-choice classifier bias):
             # judged against the largest gradient, next to the stock fp32 model's own noise.
+            # The floor is 1e-4 of the largest gradient: such a gradient is a sum of terms that
+            # cancel (the choice probabilities minus one-hot), so its float32 value is rounding
+            # noise of those terms; stock sometimes lands on exactly 0, the patched model on
+            # 1.1e-5 of the largest gradient in one run. A wrong gradient is of the terms' size.
             err = float((g_fast[name].double() - want).norm()) / scale
             base_err = float((g_stock[name].double() - want).norm()) / scale
-            assert err < 2 * base_err + tol, (
+            assert err < 2 * base_err + max(tol, 1e-4), (
                 f"grad {name}: {err:.2e} of the largest gradient (stock fp32: {base_err:.2e})")
         else:
             # A parameter gradient is a sum over every token; the packed (unpadded) path sums in
