@@ -160,12 +160,14 @@ def assert_same_gradients(got: dict, want: dict) -> None:
         if name.endswith(_UNIDENTIFIABLE):
             assert float((got[name] - want[name]).norm()) < 1e-5 * scale
         else:
-            # Relative 1e-5, plus a floor of 1e-5 of the largest gradient: cancelling sums (the
-            # token-type embedding gradient, a sum over every token whose norm is a quarter of
-            # the largest) lose relative precision to a change of order; FSDP's reduce-scatter
-            # measured 3.9e-6 of the largest there. A lost or doubled shard would be ~1e-1.
+            # Relative 1e-5, plus a floor of 1e-4 of the largest gradient: cancelling sums lose
+            # relative precision to a change of order (FSDP's reduce-scatter left 3.9e-6 of the
+            # largest on the token-type embedding gradient), and micro-batches re-padded to
+            # their own length round their logits differently (2.3e-5 of the largest on the
+            # classifier bias, a sum of probabilities minus one-hot). A lost, doubled or
+            # mis-scaled shard or micro-batch moves a gradient by a large part of its size.
             err = float((got[name] - want[name]).norm())
-            assert err < 1e-5 * float(want[name].norm()) + 1e-5 * scale, name
+            assert err < 1e-5 * float(want[name].norm()) + 1e-4 * scale, name
 
 
 def test_gradient_accumulation_matches_full_batch():
