@@ -127,12 +127,14 @@ def objective(model, batch: dict, **kwargs):
     return out, value
 
 
-def _check(name: str, got, want, base, tol: float, factor: float = 2.0) -> None:
+def _check(name: str, got, want, base, tol: float, factor: float = 2.0,
+           abs_floor: float = 0.0) -> None:
     """``got`` (fast, fp32) against ``want`` (stock, fp64): at most twice the stock fp32 model's
     own error ``base`` plus ``tol`` (the form of tests.helpers.assert_close: sums over many
     positions, such as the token-type embedding gradient, cancel and lose relative precision in
     any fp32 run, and a ratio of two such errors alone is noisy)."""
     err, base_err = rel_err(got, want), rel_err(base, want)
+    tol = tol + abs_floor / max(float(want.double().norm()), 1e-300)
     assert err < factor * base_err + tol, (
         f"{name}: rel err {err:.2e} (stock fp32: {base_err:.2e}, tol {tol:.0e})")
 
@@ -179,7 +181,11 @@ def compare(stock, fast, batch: dict, *, tol: float = 1e-5, check_logits: bool =
             # A parameter gradient is a sum over every token; the packed (unpadded) path sums in
             # another order than stock, and its error measured 2.0-2.3x stock's on cancelling bias
             # gradients over repeated runs, so gradients get 3x.
-            _check(f"grad {name}", g_fast[name], want, g_stock[name], tol, factor=3.0)
+            # An absolute floor of 1e-5 of the largest gradient too: the smallest gradients
+            # (norm ~1e-3 of the largest) are the most cancelling sums, and the ratio of two
+            # such rounding errors reached 3.3x in about one case in 10^4.
+            _check(f"grad {name}", g_fast[name], want, g_stock[name], tol, factor=3.0,
+                   abs_floor=1e-5 * scale)
     return out_s, out_f
 
 
@@ -594,7 +600,7 @@ def test_decoder_with_cache_and_cross_attention_matches_stock(unpad):
             first = model(input_ids=ids, encoder_hidden_states=memory, use_cache=True)
             cache = getattr(first, cache_name)
             assert cache is not None
-            nxt = model(input_ids=ids[:, -1:] + 1, encoder_hidden_states=memory,
+            nxt = model(input_ids=ids[:, -1:].flip(0), encoder_hidden_states=memory,
                         **{cache_name: cache}, use_cache=True)
             outs.append((first.logits, nxt.logits))
     for got, want in zip(outs[1], outs[0]):
