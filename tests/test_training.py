@@ -92,7 +92,7 @@ def train(model, batches, *, lr=2e-3) -> list[float]:
 _UNIDENTIFIABLE = ("attention.self.key.bias",)
 
 
-def assert_same_training(stock, fast, batches, tol=1e-4, param_tol=1e-3):
+def assert_same_training(stock, fast, batches, tol=1e-4, param_tol=1e-3, learns=True):
     """Train a float64 copy of the stock model as the reference, then the stock and the patched
     model in float32 on the same batches. Every step's loss of the patched model is within
     ``tol`` of the reference, and every final parameter within ``param_tol``, or no further from
@@ -112,7 +112,8 @@ def assert_same_training(stock, fast, batches, tol=1e-4, param_tol=1e-3):
     for step, (a, r) in enumerate(zip(losses, ref_losses)):
         assert err(a, r) <= 2 * stock_worst + tol, (
             f"step {step}: loss {a} vs float64 {r} (stock float32 worst rel err {stock_worst:.1e})")
-    assert sum(ref_losses[-10:]) < sum(ref_losses[:10])
+    if learns:  # the run means something only if the loss moves
+        assert sum(ref_losses[-10:]) < sum(ref_losses[:10])
     fast_params = dict(fast.named_parameters())
     stock_params = dict(stock.named_parameters())
     for name, p in ref.named_parameters():
@@ -135,7 +136,9 @@ def test_mlm_loss_curve_matches_stock(unpad):
 def test_sequence_classification_fine_tuning_matches_stock(unpad):
     stock = transformers.RobertaForSequenceClassification(tiny_config()).train()
     fast = patch(copy.deepcopy(stock), **fast_options(unpad))
-    assert_same_training(stock, fast, cls_batches(40))
+    # 40 steps do not always get a random tiny classifier off chance level (its float64 loss
+    # rose over the run once in CI), so only the step-by-step agreement is asserted here.
+    assert_same_training(stock, fast, cls_batches(40), learns=False)
 
 
 def test_with_dropout_losses_fall_and_stay_finite():
