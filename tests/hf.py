@@ -1,18 +1,16 @@
 """What the installed transformers release offers, for the tests that patch Hugging Face models."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import transformers
 from transformers.models.roberta.modeling_roberta import RobertaLayer
 
+from roberta_fast.nn.encoder import layers_pass_kwargs
 from roberta_fast.patch import patch as _patch
 
 #: Whether encoder layers pass keyword arguments on to their attention, which the unpadded
 #: encoder needs (transformers 5.x; 4.x layers take a fixed list).
-UNPAD_SUPPORTED = any(p.kind is inspect.Parameter.VAR_KEYWORD
-                      for p in inspect.signature(RobertaLayer.forward).parameters.values())
+UNPAD_SUPPORTED = layers_pass_kwargs(RobertaLayer)
 
 
 def patch(model, **options):

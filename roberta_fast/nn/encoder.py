@@ -41,7 +41,15 @@ from .attention import (
 )
 from .padding import pad_input, unpad_input
 
-__all__ = ["FastRobertaEncoder", "FastBertEncoder", "FastXLMRobertaEncoder", "FAST_CLASSES"]
+__all__ = ["FastRobertaEncoder", "FastBertEncoder", "FastXLMRobertaEncoder", "FAST_CLASSES",
+           "layers_pass_kwargs"]
+
+
+def layers_pass_kwargs(layer_cls: type) -> bool:
+    """Whether an encoder layer class's forward takes ``**kwargs`` (and so can hand the packing
+    arguments on to its attention): transformers 5.x layers do, 4.x layers do not."""
+    params = inspect.signature(layer_cls.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class _UnpadEncoderMixin(ClassSwapMixin):
@@ -56,16 +64,14 @@ class _UnpadEncoderMixin(ClassSwapMixin):
     def convert(cls, module, *, backend: str = "auto"):
         # Packing reaches the self-attention only through the layers' **kwargs, which transformers
         # 4.x layers do not take: refuse rather than run packed sequences through stock attention.
-        layers = list(getattr(module, "layer", []))
-        for layer in layers[:1]:
-            params = inspect.signature(type(layer).forward).parameters.values()
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-                import transformers
+        first = next(iter(getattr(module, "layer", [])), None)
+        if first is not None and not layers_pass_kwargs(type(first)):
+            import transformers
 
-                raise ValueError(
-                    f"unpad=True needs encoder layers that pass keyword arguments on to their "
-                    f"attention (transformers >= 5.0); {type(layer).__name__}.forward of "
-                    f"transformers {transformers.__version__} does not. Pass unpad=False")
+            raise ValueError(
+                f"unpad=True needs encoder layers that pass keyword arguments on to their "
+                f"attention (transformers >= 5.0); {type(first).__name__}.forward of "
+                f"transformers {transformers.__version__} does not. Pass unpad=False")
         return super().convert(module, backend=backend)
 
     def _can_unpad(self, hidden_states, args, kwargs) -> bool:

@@ -16,8 +16,9 @@ The logits a labelled forward returns depend on ``logits_mode``:
 - ``"none"``: no logits (``None``): the fastest and leanest.
 
 ``FastRobertaForMaskedLM.convert(model)`` (likewise ``FastXLMRobertaForMaskedLM`` /
-``FastBertForMaskedLM``) switches an existing model in place: parameters keep their identity, ``state_dict()`` is unchanged and weight tying
-(decoder weight = word embeddings, decoder bias = head bias) stays intact.
+``FastBertForMaskedLM``) switches an existing model in place: parameters keep their identity,
+``state_dict()`` is unchanged and weight tying (decoder weight = word embeddings, decoder bias =
+head bias) stays intact.
 """
 from __future__ import annotations
 
@@ -128,28 +129,12 @@ class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
         return self.transform(x)
 
 
-def _stock_signature(cls: type):
-    """``_FastMaskedLMMixin._fused_forward`` dressed in the stock ``forward``'s signature, and the names
-    that signature takes positionally. The signature differs between transformers releases (4.x
-    has ``head_mask`` fifth), so it is read, not written out; callers that inspect it (the
-    ``Trainer`` keeps only the dataset columns ``forward`` names) see the stock one."""
-    signature = inspect.signature(cls.forward)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind in kinds)
-
-    def forward(self, *args, **kwargs):
-        return self._fused_forward(*args, **kwargs)
-
-    forward.__signature__ = signature
-    forward.__doc__ = _FastMaskedLMMixin._fused_forward.__doc__
-    return forward, names
-
-
 class _FastMaskedLMMixin:
     """``convert`` and the labelled forward shared by the ``*ForMaskedLM`` twins.
 
     Each twin names its stock class, the attribute of its encoder, the path of its LM head (and
-    of the module that gives the full logits) and the head's fast class.
+    of the module that gives the full logits) and the head's stock and fast classes; its
+    ``forward`` is made from the stock class's signature when the twin is defined.
     """
 
     _stock_class: type
@@ -159,6 +144,25 @@ class _FastMaskedLMMixin:
     _stock_head_class: type
     _fast_head_class: type
     _forward_names: tuple[str, ...]
+
+    def __init_subclass__(cls, **kwargs):
+        """Give the twin ``_fused_forward`` dressed in the stock ``forward``'s signature, and the
+        names that signature takes positionally. The signature differs between transformers
+        releases (4.x has ``head_mask`` fifth), so it is read, not written out; callers that
+        inspect it (the ``Trainer`` keeps only the dataset columns ``forward`` names) see the
+        stock one."""
+        super().__init_subclass__(**kwargs)
+        signature = inspect.signature(cls._stock_class.forward)
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        cls._forward_names = tuple(p.name for p in list(signature.parameters.values())[1:]
+                                   if p.kind in kinds)
+
+        def forward(self, *args, **kwargs):
+            return self._fused_forward(*args, **kwargs)
+
+        forward.__signature__ = signature
+        forward.__doc__ = _FastMaskedLMMixin._fused_forward.__doc__
+        cls.forward = forward
 
     @classmethod
     def convert(cls, model: nn.Module, logits: str = "masked") -> nn.Module:
@@ -236,7 +240,6 @@ class FastRobertaForMaskedLM(_FastMaskedLMMixin, RobertaForMaskedLM):
     _stock_class = RobertaForMaskedLM
     _encoder_attr, _head_path, _full_head_path = "roberta", "lm_head", "lm_head"
     _stock_head_class, _fast_head_class = RobertaLMHead, MaskedLMHead
-    forward, _forward_names = _stock_signature(RobertaForMaskedLM)
 
 
 class FastXLMRobertaForMaskedLM(_FastMaskedLMMixin, XLMRobertaForMaskedLM):
@@ -246,7 +249,6 @@ class FastXLMRobertaForMaskedLM(_FastMaskedLMMixin, XLMRobertaForMaskedLM):
     _stock_class = XLMRobertaForMaskedLM
     _encoder_attr, _head_path, _full_head_path = "roberta", "lm_head", "lm_head"
     _stock_head_class, _fast_head_class = XLMRobertaLMHead, XLMRobertaMaskedLMHead
-    forward, _forward_names = _stock_signature(XLMRobertaForMaskedLM)
 
 
 class FastBertForMaskedLM(_FastMaskedLMMixin, BertForMaskedLM):
@@ -256,7 +258,6 @@ class FastBertForMaskedLM(_FastMaskedLMMixin, BertForMaskedLM):
     _stock_class = BertForMaskedLM
     _encoder_attr, _head_path, _full_head_path = "bert", "cls.predictions", "cls"
     _stock_head_class, _fast_head_class = BertLMPredictionHead, MaskedLMPredictionHead
-    forward, _forward_names = _stock_signature(BertForMaskedLM)
 
 
 #: stock class -> fast class, for ``roberta_fast.patch``.
