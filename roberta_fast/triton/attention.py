@@ -14,9 +14,11 @@ LSE is the natural-log log-sum-exp of ``scale * q.k`` over the real keys of a ro
 row, or a row without any real key, gets ``O = 0`` and ``LSE = +inf`` so that the probabilities the
 backward recomputes there are exactly 0.
 
-Dropout (shared RNG contract): an element ``(b, h, i, j)`` is kept iff
-``tl.rand(seed, ((b * heads + h) * Lmax + i) * Lmax + j) > p`` with an int64 offset, where
-``Lmax`` is ``L`` (padded) or ``max_seqlen`` (varlen); kept values are scaled by ``1 / (1 - p)``.
+Dropout (shared RNG contract, csrc/common/philox.h): element ``(b, h, i, j)`` has the int64
+offset ``o = ((b * heads + h) * Lmax + i) * Lmax + j``, where ``Lmax`` is ``L`` (padded) or
+``max_seqlen`` (varlen), and is kept iff the uniform float of word ``o & 3`` of
+``tl.randint4x(seed, o >> 2)`` is > p -- the rule of the LayerNorm kernels and of the CPU and CUDA
+code; kept values are scaled by ``1 / (1 - p)``.
 The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
 
 The functions here are plain launchers with no autograd; ``roberta_fast.ops.attention`` wraps them.
@@ -179,6 +181,15 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: t
 
 
 @triton.jit
+def _keep(seed, offs, p_drop):
+    """Dropout decisions of the elements with int64 offsets ``offs`` (module docstring)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
+    word = offs & 3
+    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.uint_to_uniform_float(bits) > p_drop
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_PREC: tl.constexpr):
     """``a @ b (+ acc)`` accumulated in fp32."""
     if DOT_PREC == "upcast":
@@ -245,7 +256,7 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_bas
         acc = acc * alpha[:, None]
         if DROPOUT:
             # The normaliser l_i counts every probability; only the PV product sees the mask.
-            keep = tl.rand(seed, drop_rows[:, None] + cols[None, :].to(tl.int64)) > p_drop
+            keep = _keep(seed, drop_rows[:, None] + cols[None, :].to(tl.int64), p_drop)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, n_end, offs_d,
                        HEAD_DIM, CHECK_N, EVEN_D)
@@ -420,7 +431,7 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = _mma(v, tl.trans(do), None, DOT_PREC)
         if DROPOUT:
-            keep = tl.rand(seed, drop_cols[:, None] + rows[None, :].to(tl.int64) * Lmax) > p_drop
+            keep = _keep(seed, drop_cols[:, None] + rows[None, :].to(tl.int64) * Lmax, p_drop)
             pd_t = tl.where(keep, p_t * keep_scale, 0.0)
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
@@ -533,7 +544,7 @@ def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kp
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), None, DOT_PREC)
         if DROPOUT:
-            keep = tl.rand(seed, drop_rows[:, None] + cols[None, :].to(tl.int64)) > p_drop
+            keep = _keep(seed, drop_rows[:, None] + cols[None, :].to(tl.int64), p_drop)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
@@ -619,7 +630,7 @@ def _dropout_mask_kernel(OUT, SEED, plane, p_drop, BLOCK: tl.constexpr):
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     # ((b * H + h) * Lmax + i) * Lmax + j == (b * H + h) * Lmax * Lmax + (i * Lmax + j)
     offset = (b.to(tl.int64) * num_heads + h) * plane + idx
-    keep = tl.rand(tl.load(SEED), offset) > p_drop
+    keep = _keep(tl.load(SEED), offset, p_drop)
     tl.store(OUT + offset, keep.to(tl.uint8), mask=idx < plane)
 
 
