@@ -11,9 +11,10 @@
 #   bash benchmarks/gpu_session.sh --dry-run    here, without a GPU: checks the commands, the
 #                                          time plan and the output files; prints the plan
 #
-# Plan (seconds; `--dry-run` prints it and checks the sums). Every phase runs under `timeout`
-# with the smaller of its own limit and what is left of its run's, so a run always ends, with
-# its logs, inside its limit; the phases come in order of importance, so a squeeze cuts the last.
+# Plan (seconds; `--dry-run` prints it and checks the sums). Every phase runs under `timeout`:
+# its limit below plus what the phases before it left unused, cut to what is left of its run, so a
+# run always ends, with its logs, inside its limit; the phases come in order of importance, so
+# time the plan did not foresee (run2's build on a bare machine) cuts the last ones.
 #   machine start-up 120
 #   run1 250:  check 15 | build 110 (extension || CUDA test programs: build, run) | pytest 105 |
 #              wrapup 20
@@ -63,6 +64,9 @@ RUN_MAX=480            # the most one run may plan (device calls allow 600)
 WRAPUP_RESERVE=20      # kept free for the wrapup phase whatever the others take
 PYTEST_WORKERS=8       # pytest-xdist workers, and processes of the warm phase
 TEST_TIMEOUT=90        # seconds per test (pytest-timeout)
+# torch.compile's compile workers per process where 8 processes (pytest workers, warm) share the
+# 16 cores.
+INDUCTOR_THREADS=4
 # The four benchmark suites, in the order run2 times them.
 BENCH_OPS=(attention layer_norm_residual masked_lm_loss model)
 BENCH_ARGS=(bench --device cuda --dtype bf16 --quick --plot)
@@ -286,6 +290,7 @@ phase_build-ext() {
 
 phase_pytest() {
   load_state
+  export TORCHINDUCTOR_COMPILE_THREADS=$INDUCTOR_THREADS
   local args=(tests -m gpu -q -rfEs --tb=short -p no:cacheprovider
               --junitxml="$OUT/pytest-gpu.xml" -o junit_family=xunit2)
   if [ -n "${HAS_TIMEOUT:-}" ] && [ "$HAS_TIMEOUT" != - ]; then
@@ -313,6 +318,7 @@ version as v; sys.exit(0 if tuple(map(int, v('pytest-timeout').split('.')[:2])) 
 # Every benchmark case once, spread over processes by group, to fill the compile caches.
 phase_warm() {
   load_state
+  export TORCHINDUCTOR_COMPILE_THREADS=$INDUCTOR_THREADS
   local n=$PYTEST_WORKERS i pids=() ops
   ops=$(IFS=,; echo "${BENCH_OPS[*]}")
   for ((i = 0; i < n; i++)); do
@@ -473,12 +479,19 @@ phase_wrapup() {
 
 PHASE_LOG=()
 
-run_phase() {  # run_phase NAME LIMIT: under timeout, at most what is left of the run
-  local name=$1 cap=$2 now left t start rc
+# Runs a phase under timeout. Its limit is its planned one plus what the phases before it left
+# unused (never less than planned), cut to what is left of the run: a phase that finishes early
+# hands its time on, and time the plan did not foresee (run2's build) comes out of the last ones.
+run_phase() {  # run_phase NAME PLANNED_LIMIT [unplanned]
+  local name=$1 cap=$2 now left t start rc slack
   now=$(date +%s)
   left=$(( DEADLINE - now ))
   [ "$name" = wrapup ] || left=$(( left - WRAPUP_RESERVE ))
-  t=$(( cap < left ? cap : left ))
+  slack=$(( PLANNED_DONE - (now - RUN_START) ))
+  [ "$slack" -gt 0 ] || slack=0
+  [ "${3:-}" = unplanned ] || PLANNED_DONE=$(( PLANNED_DONE + cap ))
+  t=$(( cap + slack ))
+  [ "$t" -le "$left" ] || t=$left
   if [ "$t" -lt 5 ]; then
     say "$name: SKIPPED, no time left in this run's $RUN_LIMIT s"
     PHASE_LOG+=("$(printf '%-28s %5s %7s  %s' "$name" - "$cap" "skipped: no time left")")
@@ -486,9 +499,13 @@ run_phase() {  # run_phase NAME LIMIT: under timeout, at most what is left of th
   fi
   say "$name (limit ${t} s)"
   start=$(date +%s)
-  # SIGINT first (pytest then still writes its report), SIGKILL at the limit.
-  PHASE_LIMIT=$t timeout -s INT -k 4 $(( t > 8 ? t - 4 : t )) bash "$SELF" __phase "$name"
+  # SIGINT first (pytest then still writes its report), SIGKILL at the limit. timeout leads a
+  # process group of its own: whatever the phase left running (background jobs ignore SIGINT,
+  # and would hold the log's pipe open) is killed with that group when the phase returns.
+  PHASE_LIMIT=$t bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$WORK/phase.pid" \
+    timeout -s INT -k 4 $(( t > 8 ? t - 4 : t )) bash "$SELF" __phase "$name"
   rc=$?
+  kill -KILL -- "-$(cat "$WORK/phase.pid")" 2> /dev/null
   local wall=$(( $(date +%s) - start )) note="ok"
   [ $rc -eq 0 ] || note="rc=$rc"
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && note="TIMED OUT"
@@ -515,12 +532,14 @@ run() {  # run MODE [PHASE...]
   RUN_LIMIT=$(sum_caps "${selected[@]}")
   RUN_START=$(date +%s)
   DEADLINE=$(( RUN_START + RUN_LIMIT ))
+  PLANNED_DONE=0
   say "$MODE: phases ${selected[*]}; limit $RUN_LIMIT s; OUT=$OUT"
   local fatal=0
   for p in "${selected[@]}"; do
     name=$(name_of "$p"); cap=$(cap_of "$p")
     [ "$name" = wrapup ] && continue
     if [ $fatal -ne 0 ]; then
+      PLANNED_DONE=$(( PLANNED_DONE + cap ))
       PHASE_LOG+=("$(printf '%-28s %5s %7s  %s' "$name" - "$cap" "not run: prerequisites")")
       continue
     fi
@@ -536,7 +555,7 @@ run() {  # run MODE [PHASE...]
         echo "roberta_fast._C with CUDA kernels is there: no build"
       else
         echo "roberta_fast._C with CUDA kernels is missing: building (from the last phases' time)"
-        run_phase build-ext "$RUN2_BUILD"
+        run_phase build-ext "$RUN2_BUILD" unplanned
       fi
     fi
   done
