@@ -274,10 +274,52 @@ def render(report: dict, console: Console | None = None) -> None:
     missing = [op for op, s in report["suites"].items() if s.startswith("missing")]
     if missing:
         console.print(f"[yellow]no suite yet for: {', '.join(missing)}[/yellow]")
+    render_backend_pairs(report, console)
     errors = [r for r in report["rows"] if r.get("status") == "error"]
     if errors:
         console.print(f"[red]{len(errors)} case(s) failed; the reasons are in the table and the "
                       "JSON (rows[].traceback)[/red]")
+
+
+def backend_pairs(report: dict) -> list[dict]:
+    """The cases timed on both GPU backends, side by side: each ok row whose impl names ``cuda``
+    (``roberta_fast cuda``, ``roberta_fast cuda varlen``, ...) with the row of the same op and group
+    whose impl names ``triton`` in its place. ``cuda_speedup`` is the triton time over the cuda
+    time: above 1 the cuda backend, which ``auto`` takes where it is built, is the faster."""
+    rows = [r for r in report["rows"] if r.get("status") == "ok" and r.get("median_s")]
+    by_impl = {(r["op"], r["group"], r["impl"]): r for r in rows}
+    pairs = []
+    for r in rows:
+        words = r["impl"].split()
+        if "cuda" not in words:
+            continue
+        twin = " ".join("triton" if w == "cuda" else w for w in words)
+        t = by_impl.get((r["op"], r["group"], twin))
+        if t is None:
+            continue
+        pairs.append({"op": r["op"], "group": r["group"], "impl": r["impl"], "twin": twin,
+                      "cuda_s": r["median_s"], "triton_s": t["median_s"],
+                      "cuda_speedup": t["median_s"] / r["median_s"]})
+    return pairs
+
+
+def render_backend_pairs(report: dict, console: Console | None = None) -> None:
+    """One table of :func:`backend_pairs` (nothing when no case ran on both GPU backends)."""
+    pairs = backend_pairs(report)
+    if not pairs:
+        return
+    console = console or Console()
+    table = Table(title="cuda against triton on the same case (auto takes cuda where it is built; "
+                        "triton / cuda > 1: cuda is faster)", title_justify="left")
+    for name, justify in (("op", "left"), ("group", "left"), ("impl", "left"), ("cuda", "right"),
+                          ("triton", "right"), ("triton / cuda", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for p in pairs:
+        ratio = p["cuda_speedup"]
+        table.add_row(p["op"], escape(p["group"]), escape(p["impl"]), _fmt_time(p["cuda_s"]),
+                      _fmt_time(p["triton_s"]),
+                      f"[{'green' if ratio >= 1.0 else 'red'}]{ratio:.2f}[/]")
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

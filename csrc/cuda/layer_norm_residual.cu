@@ -5,7 +5,8 @@
 // V = 16 / sizeof(T) consecutive elements in registers (vector k of lane t covers columns
 // (t + k * TPR) * V ...), loaded with 16-byte loads when every pointer is 16-byte aligned and
 // H % V == 0, else with per-element loads. One read of x/residual per row in the forward; the
-// backward re-reads x/residual and regenerates the dropout mask instead of storing s.
+// backward re-reads x/residual and regenerates the dropout mask instead of storing s; both draw
+// one Philox call per four columns when hidden % 4 == 0 (see keep_bits).
 // Team reductions: warp shuffles, then, for teams wider than a warp, shared memory under a
 // per-team named barrier so that several teams share a block without waiting for each other.
 #include "cuda/layer_norm_residual.h"
@@ -15,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <initializer_list>
+#include <type_traits>
 
 #include "common/philox.h"
 #include "cuda/convert.cuh"
@@ -29,6 +31,14 @@ constexpr int kBwdElems = 16;       // backward keeps more per element (xhat, g,
 constexpr int kFwdBlock = 128;      // threads per forward block (several rows when TPR < 128)
 constexpr int kBwdBlock = 256;      // threads per backward block
 constexpr int kMaxTeams = 8;        // kBwdBlock / 32
+
+// How a launch reads its rows and draws its dropout mask. Each path is its own instantiation, so
+// that a kernel carries one Philox scheme and the register allocator sees only that one.
+//   kVec:     16-byte loads (pointers 16-byte aligned, hidden % V == 0), one Philox call per four
+//             columns (hidden % V == 0 implies hidden % 4 == 0)
+//   kScalar4: per-element loads, hidden % 4 == 0: one Philox call per four columns
+//   kScalar:  per-element loads, one Philox call per element
+enum class Path { kVec, kScalar4, kScalar };
 
 
 // N consecutive elements starting at p (16-byte aligned; N * sizeof(T) a multiple of 16).
@@ -135,34 +145,67 @@ __device__ __forceinline__ void team_sum(float (&v)[N], float* red, int team, in
   }
 }
 
-// s = dropout(x) + residual for one vector; bit k*V+e of `kept` records the mask.
-template <typename T, int V, bool VEC>
+// Keep bits (bit e: element o0 + e) of V consecutive elements starting at a multiple of four:
+// philox.h gives element o word o & 3 of random_words(seed, o >> 2), so one Philox call serves
+// four elements, a quarter of the per-element arithmetic (20 mul.hi per call).
+template <int V>
+__device__ __forceinline__ uint32_t keep_bits_by4(uint64_t seed, uint64_t o0, float p) {
+  static_assert(V % 4 == 0, "vectors are whole groups of four");
+  uint32_t bits = 0;
+#pragma unroll
+  for (int g = 0; g < V / 4; ++g) {
+    const philox::Words w = philox::random_words(seed, (o0 >> 2) + g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      bits |= static_cast<uint32_t>(philox::bits_to_uniform(w.w[j]) > p) << (4 * g + j);
+  }
+  return bits;
+}
+
+// s = dropout(x) + residual for one vector; bit k*V+e of `kept` records the mask. A vector starts
+// at a multiple of V (4 or 8) columns, so its offset is a multiple of four whenever the row's is,
+// i.e. when hidden % 4 == 0 (paths kVec and kScalar4); otherwise each element draws its own
+// Philox call, whose groups of four straddle the vectors.
+template <typename T, int V, Path P>
 __device__ __forceinline__ void residual_vec(const T* __restrict__ xr, const T* __restrict__ rr,
                                              int col0, int hidden, bool dropout, uint64_t seed,
                                              uint64_t row_offset, float p, float scale,
                                              float (&s)[V], uint32_t& kept, int bit0) {
+  constexpr bool VEC = P == Path::kVec;
   float xv[V], rv[V];
   load_row_vec<T, V, VEC>(xr, col0, hidden, xv);
   load_row_vec<T, V, VEC>(rr, col0, hidden, rv);
+  if constexpr (P == Path::kScalar) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) {
-    float xe = xv[e];
-    if (dropout) {
-      const bool keep = philox::keep(seed, row_offset + static_cast<uint64_t>(col0 + e), p);
-      xe = keep ? xe * scale : 0.0f;
-      kept |= static_cast<uint32_t>(keep) << (bit0 + e);
+    for (int e = 0; e < V; ++e) {
+      float xe = xv[e];
+      if (dropout) {
+        const bool keep = philox::keep(seed, row_offset + static_cast<uint64_t>(col0 + e), p);
+        xe = keep ? xe * scale : 0.0f;
+        kept |= static_cast<uint32_t>(keep) << (bit0 + e);
+      }
+      s[e] = xe + rv[e];
     }
-    s[e] = xe + rv[e];
+  } else {
+    uint32_t bits = 0;
+    if (dropout && col0 < hidden) {  // vectors past the row draw nothing: their lanes hold zeros
+      bits = keep_bits_by4<V>(seed, row_offset + static_cast<uint64_t>(col0), p);
+      kept |= bits << bit0;
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) s[e] = (dropout ? ((bits >> e) & 1u ? xv[e] * scale : 0.0f)
+                                                : xv[e]) + rv[e];
   }
 }
 
-template <typename T, int NV, bool VEC>
+template <typename T, int NV, Path P>
 __global__ void __launch_bounds__(kMaxTpr, 1) fwd_kernel(
     const T* __restrict__ x, const T* __restrict__ residual, const void* __restrict__ weight,
     const void* __restrict__ bias, bool param_fp32, T* __restrict__ y, float* __restrict__ mean,
     float* __restrict__ rstd, int64_t rows, int hidden, float eps, float p,
     const int64_t* __restrict__ seed_ptr) {
   constexpr int V = 16 / sizeof(T);
+  constexpr bool VEC = P == Path::kVec;
   static_assert(NV * V <= 32, "the dropout mask bits of a thread fit one word");
   __shared__ float red[kFwdBlock / 32][16];  // teams > 1 only when TPR < kFwdBlock
   const int tpr = blockDim.x;
@@ -182,7 +225,7 @@ __global__ void __launch_bounds__(kMaxTpr, 1) fwd_kernel(
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
     const int col0 = (threadIdx.x + k * tpr) * V;
-    residual_vec<T, V, VEC>(xr, rr, col0, hidden, dropout, seed, row_offset, p, scale, s[k],
+    residual_vec<T, V, P>(xr, rr, col0, hidden, dropout, seed, row_offset, p, scale, s[k],
                             kept, 0);
 #pragma unroll
     for (int e = 0; e < V; ++e) sum[0] += s[k][e];
@@ -223,7 +266,7 @@ __global__ void __launch_bounds__(kMaxTpr, 1) fwd_kernel(
 // Each block loops over rows (team `t` of block `b` takes rows (b * teams + t) + i * stride),
 // accumulating its columns' dweight/dbias in registers; the block's teams are then summed in
 // shared memory and written as one fp32 partial row pair partial[b] = (dweight, dbias).
-template <typename T, int NV, bool VEC>
+template <typename T, int NV, Path P>
 __global__ void __launch_bounds__(kMaxTpr, 1) bwd_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ residual,
     const void* __restrict__ weight, bool param_fp32, const float* __restrict__ mean,
@@ -231,6 +274,7 @@ __global__ void __launch_bounds__(kMaxTpr, 1) bwd_kernel(
     float* __restrict__ partial, int64_t rows, int hidden, float p,
     const int64_t* __restrict__ seed_ptr) {
   constexpr int V = 16 / sizeof(T);
+  constexpr bool VEC = P == Path::kVec;
   static_assert(NV * V <= 32, "the dropout mask bits of a thread fit one word");
   __shared__ float red[kMaxTeams][32];
   extern __shared__ float block_acc[];  // [2][hidden] when the block has several teams
@@ -264,7 +308,7 @@ __global__ void __launch_bounds__(kMaxTpr, 1) bwd_kernel(
     for (int k = 0; k < NV; ++k) {
       const int col0 = (threadIdx.x + k * tpr) * V;
       float dyv[V], w[V];
-      residual_vec<T, V, VEC>(xr, rr, col0, hidden, dropout, seed, row_offset, p, scale, xhat[k],
+      residual_vec<T, V, P>(xr, rr, col0, hidden, dropout, seed, row_offset, p, scale, xhat[k],
                               kept, k * V);
       load_row_vec<T, V, VEC>(dyr, col0, hidden, dyv);
       load_param_vec<T, V, VEC>(weight, param_fp32, col0, hidden, w);
@@ -409,7 +453,25 @@ bool can_vectorize(DType io, int64_t hidden, std::initializer_list<const void*> 
   return true;
 }
 
-template <typename T, int NV, bool VEC>
+Path path_for(bool vec, int64_t hidden) {
+  if (vec) return Path::kVec;
+  return hidden % 4 == 0 ? Path::kScalar4 : Path::kScalar;
+}
+
+// f(std::integral_constant<Path, P>{}) for the run-time `path`: one instantiation per path.
+template <typename F>
+cudaError_t with_path(Path path, F&& f) {
+  switch (path) {
+    case Path::kVec:
+      return f(std::integral_constant<Path, Path::kVec>{});
+    case Path::kScalar4:
+      return f(std::integral_constant<Path, Path::kScalar4>{});
+    default:
+      return f(std::integral_constant<Path, Path::kScalar>{});
+  }
+}
+
+template <typename T, int NV, Path P>
 cudaError_t launch_fwd_nv(const void* x, const void* residual, const void* weight,
                           const void* bias, bool param_fp32, void* y, float* mean, float* rstd,
                           int64_t rows, int hidden, float eps, float p, const int64_t* seed,
@@ -418,13 +480,13 @@ cudaError_t launch_fwd_nv(const void* x, const void* residual, const void* weigh
   const dim3 block(tpr, teams);
   const int64_t blocks = (rows + teams - 1) / teams;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  fwd_kernel<T, NV, VEC><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+  fwd_kernel<T, NV, P><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(residual), weight, bias, param_fp32,
       static_cast<T*>(y), mean, rstd, rows, hidden, eps, p, seed);
   return cudaGetLastError();
 }
 
-template <typename T, bool VEC>
+template <typename T, Path P>
 cudaError_t launch_fwd_t(const void* x, const void* residual, const void* weight,
                          const void* bias, bool param_fp32, void* y, float* mean, float* rstd,
                          int64_t rows, int hidden, float eps, float p, const int64_t* seed,
@@ -433,7 +495,7 @@ cudaError_t launch_fwd_t(const void* x, const void* residual, const void* weight
 #define RF_FWD_CASE(N)                                                                          \
   case N:                                                                                       \
     if constexpr (N * V <= kFwdElems) {                                                          \
-      return launch_fwd_nv<T, N, VEC>(x, residual, weight, bias, param_fp32, y, mean, rstd,    \
+      return launch_fwd_nv<T, N, P>(x, residual, weight, bias, param_fp32, y, mean, rstd,      \
                                       rows, hidden, eps, p, seed, split.tpr, stream);           \
     }                                                                                           \
     break;
@@ -449,7 +511,7 @@ cudaError_t launch_fwd_t(const void* x, const void* residual, const void* weight
   return cudaErrorInvalidValue;
 }
 
-template <typename T, int NV, bool VEC>
+template <typename T, int NV, Path P>
 cudaError_t launch_bwd_nv(const void* dy, const void* x, const void* residual, const void* weight,
                           bool param_fp32, const float* mean, const float* rstd, void* dresidual,
                           void* dx, float* partial, int64_t parts, int64_t rows, int hidden,
@@ -457,7 +519,7 @@ cudaError_t launch_bwd_nv(const void* dy, const void* x, const void* residual, c
   const int teams = tpr >= kBwdBlock ? 1 : kBwdBlock / tpr;
   const dim3 block(tpr, teams);
   const size_t smem = teams > 1 ? 2 * static_cast<size_t>(hidden) * sizeof(float) : 0;
-  bwd_kernel<T, NV, VEC><<<static_cast<unsigned>(parts), block, smem, stream>>>(
+  bwd_kernel<T, NV, P><<<static_cast<unsigned>(parts), block, smem, stream>>>(
       static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(residual),
       weight, param_fp32, mean, rstd, static_cast<T*>(dresidual), static_cast<T*>(dx), partial,
       rows, hidden, p, seed);
@@ -465,7 +527,7 @@ cudaError_t launch_bwd_nv(const void* dy, const void* x, const void* residual, c
 }
 
 // The backward kernel of a split, for launching and for occupancy queries.
-template <typename T, bool VEC>
+template <typename T, Path P>
 cudaError_t launch_bwd_t(const void* dy, const void* x, const void* residual, const void* weight,
                          bool param_fp32, const float* mean, const float* rstd, void* dresidual,
                          void* dx, float* partial, int64_t parts, int64_t rows, int hidden,
@@ -474,7 +536,7 @@ cudaError_t launch_bwd_t(const void* dy, const void* x, const void* residual, co
 #define RF_BWD_CASE(N)                                                                          \
   case N:                                                                                       \
     if constexpr (N * V <= kBwdElems) {                                                          \
-      return launch_bwd_nv<T, N, VEC>(dy, x, residual, weight, param_fp32, mean, rstd,         \
+      return launch_bwd_nv<T, N, P>(dy, x, residual, weight, param_fp32, mean, rstd,           \
                                       dresidual, dx, partial, parts, rows, hidden, p, seed,     \
                                       split.tpr, stream);                                       \
     }                                                                                           \
@@ -495,11 +557,12 @@ const void* bwd_kernel_ptr(int nv) {
   constexpr int V = 16 / sizeof(T);
   switch (nv) {
     case 1:
-      return reinterpret_cast<const void*>(&bwd_kernel<T, 1, true>);
+      return reinterpret_cast<const void*>(&bwd_kernel<T, 1, Path::kVec>);
     case 2:
-      return reinterpret_cast<const void*>(&bwd_kernel<T, 2, true>);
+      return reinterpret_cast<const void*>(&bwd_kernel<T, 2, Path::kVec>);
     case 4:
-      if constexpr (4 * V <= kBwdElems) return reinterpret_cast<const void*>(&bwd_kernel<T, 4, true>);
+      if constexpr (4 * V <= kBwdElems)
+        return reinterpret_cast<const void*>(&bwd_kernel<T, 4, Path::kVec>);
       return nullptr;
     default:
       return nullptr;
@@ -566,14 +629,15 @@ cudaError_t layer_norm_residual_fwd(DType io, DType param, const void* x, const 
   const bool param_fp32 = param == DType::kFloat32;
   const Split split = choose_split(hidden, 16 / elem_size(io), kFwdElems);
   if (split.tpr == 0) return cudaErrorInvalidValue;
-  const bool vec = can_vectorize(io, hidden, {x, residual, y}) &&
-                   aligned16(weight) && aligned16(bias);
+  const Path path = path_for(can_vectorize(io, hidden, {x, residual, y}) &&
+                                  aligned16(weight) && aligned16(bias), hidden);
   const int h = static_cast<int>(hidden);
 #define RF_FWD(T)                                                                              \
-  return vec ? launch_fwd_t<T, true>(x, residual, weight, bias, param_fp32, y, mean, rstd, rows, \
-                                     h, eps, dropout_p, seed, split, stream)                    \
-             : launch_fwd_t<T, false>(x, residual, weight, bias, param_fp32, y, mean, rstd,     \
-                                      rows, h, eps, dropout_p, seed, split, stream);
+  return with_path(path, [&](auto pc) {                                                        \
+    return launch_fwd_t<T, decltype(pc)::value>(x, residual, weight, bias, param_fp32, y, mean, \
+                                                rstd, rows, h, eps, dropout_p, seed, split,     \
+                                                stream);                                        \
+  });
   switch (io) {
     case DType::kFloat32:
       RF_FWD(float)
@@ -603,15 +667,14 @@ cudaError_t layer_norm_residual_bwd(DType io, DType param, const void* dy, const
   if (rows > 0) {
     const Split split = choose_split(hidden, 16 / elem_size(io), kBwdElems);
     if (split.tpr == 0) return cudaErrorInvalidValue;
-    const bool vec = can_vectorize(io, hidden, {dy, x, residual, dresidual, dx}) &&
-                     aligned16(weight);
+    const Path path = path_for(can_vectorize(io, hidden, {dy, x, residual, dresidual, dx}) &&
+                                    aligned16(weight), hidden);
 #define RF_BWD(T)                                                                              \
-  err = vec ? launch_bwd_t<T, true>(dy, x, residual, weight, param_fp32, mean, rstd, dresidual, \
-                                    dx, workspace, parts, rows, h, dropout_p, seed, split,      \
-                                    stream)                                                     \
-            : launch_bwd_t<T, false>(dy, x, residual, weight, param_fp32, mean, rstd, dresidual, \
-                                     dx, workspace, parts, rows, h, dropout_p, seed, split,     \
-                                     stream);                                                   \
+  err = with_path(path, [&](auto pc) {                                                         \
+    return launch_bwd_t<T, decltype(pc)::value>(dy, x, residual, weight, param_fp32, mean,     \
+                                                rstd, dresidual, dx, workspace, parts, rows, h, \
+                                                dropout_p, seed, split, stream);                \
+  });                                                                                          \
   break;
     switch (io) {
       case DType::kFloat32:

@@ -1,5 +1,9 @@
 // CUDA kernels of fused residual + LayerNorm against a host double-precision reference (the
 // dropout mask from csrc/common/philox.h on the host). Exits non-zero on any mismatch.
+// With dropout the masks are compared element by element as well: the backward's from dx (a
+// dropped element's dx is exactly 0), the forward's from y (which of "kept" and "dropped" the
+// output is nearer to, where the two are far apart), on hidden sizes that are multiples of four
+// (one Philox call per four elements) and ones that are not (one call per element).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -45,6 +49,12 @@ float to_f(float v) { return v; }
 float to_f(__half v) { return __half2float(v); }
 float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// One unit in the last place, relative to the value (2^-mantissa bits).
+template <typename T> double rel_ulp();
+template <> double rel_ulp<float>() { return std::ldexp(1.0, -23); }
+template <> double rel_ulp<__half>() { return std::ldexp(1.0, -10); }
+template <> double rel_ulp<__nv_bfloat16>() { return std::ldexp(1.0, -7); }
+
 template <typename T> DType dtype_of();
 template <> DType dtype_of<float>() { return DType::kFloat32; }
 template <> DType dtype_of<__half>() { return DType::kFloat16; }
@@ -85,6 +95,68 @@ double rel_err(const std::vector<float>& got, const std::vector<double>& want) {
     den += want[i] * want[i];
   }
   return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The dropout mask of every element against `keep` (philox::keep on the host, as the reference
+// drew it), read back from the kernels' outputs. Backward: exact, since dx is exactly 0 where the
+// mask drops and nonzero elsewhere for random inputs. Forward: y is nearer to the output with the
+// element kept than to the one with it dropped (both from the host's row statistics), judged
+// where the two differ by more than 8 units in the last place (`ulp`, relative; fp16's at least,
+// above the fp32 kernel's own arithmetic error), far beyond the output's rounding.
+void check_masks(const char* name, int64_t rows, int64_t h, float p, int offset_elems,
+                 double ulp, const std::vector<char>& keep, const std::vector<double>& xd,
+                 const std::vector<double>& rd, const std::vector<double>& wd,
+                 const std::vector<double>& bd, float eps, const std::vector<float>& y,
+                 const std::vector<float>& dx) {
+  const double scale = 1.0 / (1.0 - p);
+  int64_t bwd_wrong = 0, fwd_wrong = 0, fwd_judged = 0, dropped = 0;
+  std::vector<double> s(h);
+  for (int64_t i = 0; i < rows; ++i) {
+    double mean = 0.0;
+    for (int64_t j = 0; j < h; ++j) {
+      const int64_t o = i * h + j;
+      dropped += !keep[o];
+      s[j] = (keep[o] ? xd[o] * scale : 0.0) + rd[o];
+      mean += s[j];
+    }
+    mean /= h;
+    double var = 0.0;
+    for (int64_t j = 0; j < h; ++j) var += (s[j] - mean) * (s[j] - mean);
+    const double rstd = 1.0 / std::sqrt(var / h + eps);
+    for (int64_t j = 0; j < h; ++j) {
+      const int64_t o = i * h + j;
+      bwd_wrong += (dx[o] != 0.0f) != static_cast<bool>(keep[o]);
+      const double y_keep = (xd[o] * scale + rd[o] - mean) * rstd * wd[j] + bd[j];
+      const double y_drop = (rd[o] - mean) * rstd * wd[j] + bd[j];
+      const double size = std::fmax(std::fabs(y_keep), std::fabs(y_drop));
+      const double apart = 8.0 * std::fmax(ulp, 1.0 / 1024) * size + 1e-6;
+      if (std::fabs(y_keep - y_drop) <= apart) continue;
+      const bool seen_keep = std::fabs(y[o] - y_keep) < std::fabs(y[o] - y_drop);
+      fwd_wrong += seen_keep != static_cast<bool>(keep[o]);
+      ++fwd_judged;
+    }
+  }
+  char what[200];
+  std::snprintf(what, sizeof(what), "%s rows=%lld H=%lld p=%.2f offset=%d: backward mask "
+                "elements differing from philox", name, static_cast<long long>(rows),
+                static_cast<long long>(h), p, offset_elems);
+  check(bwd_wrong == 0, what, static_cast<double>(bwd_wrong), 0.0);
+  std::snprintf(what, sizeof(what), "%s rows=%lld H=%lld p=%.2f offset=%d: forward mask "
+                "elements differing from philox (of %lld judged)", name,
+                static_cast<long long>(rows), static_cast<long long>(h), p, offset_elems,
+                static_cast<long long>(fwd_judged));
+  check(fwd_wrong == 0, what, static_cast<double>(fwd_wrong), 0.0);
+  // On the larger shapes the check must have looked at something: a third of the elements at
+  // least, and some of them dropped.
+  if (rows * h >= 1000) {
+    std::snprintf(what, sizeof(what), "%s rows=%lld H=%lld: elements judged for the forward "
+                  "mask", name, static_cast<long long>(rows), static_cast<long long>(h));
+    check(3 * fwd_judged >= rows * h, what, static_cast<double>(fwd_judged),
+          static_cast<double>(rows * h) / 3.0);
+    std::snprintf(what, sizeof(what), "%s rows=%lld H=%lld: dropped elements", name,
+                  static_cast<long long>(rows), static_cast<long long>(h));
+    check(dropped > 0, what, static_cast<double>(dropped), 1.0);
+  }
 }
 
 // `offset_elems` shifts x/residual/dy/y by a few elements to exercise the unaligned path.
@@ -141,15 +213,15 @@ void run_case(const char* name, int64_t rows, int64_t h, float p, double tol, in
 
   // Host double reference with the same Philox mask.
   std::vector<double> ry(n), rdres(n), rdx(n), rdw(h, 0.0), rdb(h, 0.0), s(h), m(h);
+  std::vector<char> keep(n, 1);
   for (int64_t i = 0; i < rows; ++i) {
     double mean = 0.0;
     for (int64_t j = 0; j < h; ++j) {
       const int64_t o = i * h + j;
-      m[j] = p > 0.0f ? (roberta_fast::philox::keep(static_cast<uint64_t>(seed_value),
-                                                    static_cast<uint64_t>(o), p)
-                             ? 1.0 / (1.0 - p)
-                             : 0.0)
-                      : 1.0;
+      if (p > 0.0f)
+        keep[o] = roberta_fast::philox::keep(static_cast<uint64_t>(seed_value),
+                                             static_cast<uint64_t>(o), p);
+      m[j] = p > 0.0f ? (keep[o] ? 1.0 / (1.0 - p) : 0.0) : 1.0;
       s[j] = xd[o] * m[j] + rd[o];
       mean += s[j];
     }
@@ -185,6 +257,9 @@ void run_case(const char* name, int64_t rows, int64_t h, float p, double tol, in
   if (p > 0.0f) report("dx", rel_err(to_host(d_dx + offset_elems, n), rdx));
   report("dweight", rel_err(to_host(d_dw, h), rdw));
   report("dbias", rel_err(to_host(d_db, h), rdb));
+  if (p > 0.0f)
+    check_masks(name, rows, h, p, offset_elems, rel_ulp<T>(), keep, xd, rd, wd, bd, eps,
+                to_host(d_y + offset_elems, n), to_host(d_dx + offset_elems, n));
 
   for (void* ptr : {static_cast<void*>(d_x), static_cast<void*>(d_r), static_cast<void*>(d_dy),
                     static_cast<void*>(d_w), static_cast<void*>(d_b), static_cast<void*>(d_seed),
@@ -204,8 +279,13 @@ int main() {
     return 1;
   }
   std::mt19937 gen(std::random_device{}());
-  const int64_t shapes[][2] = {{1, 33},    {7, 768},  {97, 1000}, {97, 1024},
-                               {513, 768}, {5, 4096}, {3, 8192},  {16384, 768}};
+  // Hidden sizes: multiples of eight (16-byte path), multiples of four but not of eight (fp32
+  // on the 16-byte path, fp16/bf16 per element with one Philox call per four), and sizes that
+  // are not multiples of four (one Philox call per element). An offset of one element sends
+  // every size down the per-element-load path.
+  const int64_t shapes[][2] = {{1, 33},    {7, 768},  {97, 1000}, {97, 1024},  {31, 772},
+                               {9, 770},   {5, 1027}, {513, 768}, {5, 4096},   {3, 8192},
+                               {16384, 768}};
   for (const auto& shape : shapes) {
     for (float p : {0.0f, 0.1f}) {
       for (int offset : {0, 1}) {
