@@ -355,7 +355,9 @@ void run_all(const std::string& type, double tol, rc::AttentionCompute compute,
       }
     }
   }
-  for (const Case& c : all) run_case<T>(c, tol, gen);
+  // With D = 1, ds = p * (dp - delta) cancels almost entirely, and delta comes from the output
+  // as stored (rounded to T): half-precision gradients lose a few more bits there.
+  for (const Case& c : all) run_case<T>(c, c.head_dim == 1 ? 2 * tol : tol, gen);
 }
 
 }  // namespace
