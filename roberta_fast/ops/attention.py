@@ -117,15 +117,18 @@ if backends.native_module() is not None:  # the schemas come with _C
           dropout_p, seed):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def _native_fwd_backward(ctx, grad_out, grad_lse):
+    def _setup_native_context(ctx, inputs, output):
+        _setup_fwd_context(ctx, inputs, output)
         # The C++ backward on the CPU; on CUDA (forward only in C++) the Triton backward, which
         # reads the same out and LSE.
-        cpu = ctx.saved_tensors[0].device.type == "cpu"
-        bwd = torch.ops.roberta_fast.attention_bwd if cpu else _attention_triton_bwd
-        return _fwd_backward(ctx, grad_out, grad_lse, bwd)
+        cpu = inputs[0].device.type == "cpu"
+        ctx.bwd = torch.ops.roberta_fast.attention_bwd if cpu else _attention_triton_bwd
+
+    def _native_fwd_backward(ctx, grad_out, grad_lse):
+        return _fwd_backward(ctx, grad_out, grad_lse, ctx.bwd)
 
     torch.library.register_autograd("roberta_fast::attention_fwd", _native_fwd_backward,
-                                    setup_context=_setup_fwd_context)
+                                    setup_context=_setup_native_context)
 
 
 class _NativeForwardTritonBackward(torch.autograd.Function):
