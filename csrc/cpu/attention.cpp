@@ -612,6 +612,31 @@ T* out_row(T* base, const AttentionLayout& layout, const Sequence& s, int64_t c,
   return base + ((s.row0 + s.position(c)) * layout.heads + h) * layout.head_dim;
 }
 
+// The rows of head h at the padded positions of padded sequence b: zero in each of `outs`, and
+// LSE = +inf. A thread does this for the (sequence, head) whose first block it runs.
+template <typename T>
+void fill_padding(const AttentionLayout& layout, int64_t b, int64_t h,
+                  std::initializer_list<T*> outs, float* lse) {
+  if (!layout.key_padding_mask) return;
+  const int64_t len = layout.seqlen, d = layout.head_dim;
+  for (int64_t i = 0; i < len; ++i) {
+    if (layout.key_padding_mask[b * len + i]) continue;
+    const int64_t at = ((b * len + i) * layout.heads + h) * d;
+    for (T* o : outs) std::fill(o + at, o + at + d, T(0.f));
+    if (lse) lse[(b * layout.heads + h) * len + i] = kInf;
+  }
+}
+
+// fill_padding for the sequences without any real token (they get no work items).
+template <typename T>
+void fill_empty_sequences(const AttentionLayout& layout, const Batch& batch,
+                          std::initializer_list<T*> outs, float* lse) {
+  for (const Sequence& s : batch.seqs) {
+    if (s.n > 0) continue;
+    for (int64_t h = 0; h < layout.heads; ++h) fill_padding<T>(layout, s.b, h, outs, lse);
+  }
+}
+
 template <typename T, typename Tc>
 void forward_item(const Problem& pr, const AttentionOperand<T>& q, const AttentionOperand<T>& k,
                   const AttentionOperand<T>& v, T* out, float* lse, const Item& item,
@@ -619,6 +644,7 @@ void forward_item(const Problem& pr, const AttentionOperand<T>& q, const Attenti
   const AttentionLayout& layout = *pr.layout;
   const Sequence& s = pr.batch.seqs[item.seq];
   const int64_t h = item.head, n = s.n, n16 = round_up(n, kPad), d = pr.d, dp = pr.dp;
+  if (item.block0 == 0) fill_padding<T>(layout, s.b, h, {out}, lse);
 
   // Keys as K^T blocks and values as B over their rows.
   gather(pr, k, s, h, 0, n, w.k);
@@ -687,6 +713,7 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
   const AttentionLayout& layout = *pr.layout;
   const Sequence& s = pr.batch.seqs[item.seq];
   const int64_t h = item.head, n = s.n, n16 = round_up(n, kPad), d = pr.d, dp = pr.dp;
+  if (item.block0 == 0) fill_padding<T>(layout, s.b, h, {dq, dk, dv}, nullptr);
 
   // Every query row: Q and dO as A operands and as B over their rows; LSE and delta.
   gather(pr, q, s, h, 0, n, w.q);
@@ -791,23 +818,6 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
   }
 }
 
-// Zeroes the rows of padded positions (key-padding mask) in each of `outs`; LSE = +inf there.
-template <typename T>
-void fill_padding(const AttentionLayout& layout, std::initializer_list<T*> outs, float* lse) {
-  if (!layout.key_padding_mask) return;
-  const int64_t len = layout.seqlen, heads = layout.heads, row = heads * layout.head_dim;
-  at::parallel_for(0, layout.batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t i = 0; i < len; ++i) {
-        if (layout.key_padding_mask[b * len + i]) continue;
-        for (T* o : outs) std::fill(o + (b * len + i) * row, o + (b * len + i + 1) * row, T(0.f));
-        if (lse) {
-          for (int64_t h = 0; h < heads; ++h) lse[(b * heads + h) * len + i] = kInf;
-        }
-      }
-    }
-  });
-}
 
 Problem make_problem(const AttentionLayout& layout, bool vnni, float scale, float dropout_p,
                      uint64_t seed) {
@@ -826,7 +836,7 @@ void run_fwd(const AttentionLayout& layout, AttentionOperand<T> q, AttentionOper
              AttentionOperand<T> v, T* out, float* lse, float scale, float dropout_p,
              uint64_t seed) {
   const Problem pr = make_problem(layout, kVnni<Tc>, scale, dropout_p, seed);
-  fill_padding<T>(layout, {out}, lse);
+  fill_empty_sequences<T>(layout, pr.batch, {out}, lse);
   std::vector<Item> items = make_items(pr.batch, layout.heads, kBlockQ);
   run_items<ThreadState<Tc>>(items, [&](const Item& item, ThreadState<Tc>& w) {
     forward_item<T, Tc>(pr, q, k, v, out, lse, item, w);
@@ -838,7 +848,7 @@ void run_bwd(const AttentionLayout& layout, AttentionOperand<T> dout, AttentionO
              AttentionOperand<T> k, AttentionOperand<T> v, AttentionOperand<T> out,
              const float* lse, T* dq, T* dk, T* dv, float scale, float dropout_p, uint64_t seed) {
   const Problem pr = make_problem(layout, kVnni<Tc>, scale, dropout_p, seed);
-  fill_padding<T>(layout, {dq, dk, dv}, nullptr);
+  fill_empty_sequences<T>(layout, pr.batch, {dq, dk, dv}, nullptr);
   std::vector<Item> items = make_items(pr.batch, layout.heads, kBlockK);
   // A (sequence, head) cut into several key ranges gets one dQ partial per range, summed below.
   struct Group {
