@@ -601,7 +601,7 @@ struct ThreadState {
   std::vector<Tc> q, k, v, dout, keys_b, values_b, tmp_vnni0, tmp_vnni1, tmp_vnni2;
   std::vector<Tc> a0, a1, a2;            // converted / transposed A tiles
   std::vector<float> s, dp, o, dq, dk, dv, tile;  // fp32 tiles and accumulators
-  std::vector<float> m, l, alpha, lse, delta, mult, scratch, row0, row1;
+  std::vector<float> m, l, lse, delta, mult, scratch, row0, row1;
   void release() {
     if constexpr (kVnni<Tc>) at::native::cpublas::brgemm_release(true);
   }

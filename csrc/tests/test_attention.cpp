@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -82,8 +83,8 @@ void test_vnni_layout() {
 struct Case {
   std::string name;
   int64_t batch = 1, seqlen = 1, heads = 1, head_dim = 32;
-  std::vector<int32_t> lengths;  // varlen when not empty (then seqlen = max_seqlen)
-  int mask = 0;                  // padded: 0 none, 1 random holes + an all-padding sequence
+  std::vector<int32_t> lengths;  // varlen when not empty (seqlen is then max_seqlen)
+  int mask = 0;  // padded: 0 none, 1 random holes and an all-padding sequence
   float p = 0.f;
   bool strided = false;  // q, k, v, dout, out as slices of one [rows, 5, heads, D] buffer
   rc::AttentionCompute compute = rc::AttentionCompute::kAuto;
@@ -328,22 +329,36 @@ template <typename T>
 void run_all(const std::string& type, double tol, rc::AttentionCompute compute,
              std::mt19937& gen) {
   std::vector<Case> cases;
-  auto add = [&](Case c) {
-    c.name = type + " " + c.name;
+  // Padded (holes: random padding and an all-padding sequence) and varlen (lengths) cases.
+  auto padded = [&](const char* name, int64_t batch, int64_t seqlen, int64_t heads, int64_t d,
+                    bool holes) {
+    Case c;
+    c.name = type + " " + name;
+    c.batch = batch;
+    c.seqlen = seqlen;
+    c.heads = heads;
+    c.head_dim = d;
+    c.mask = holes ? 1 : 0;
     c.compute = compute;
     cases.push_back(c);
   };
-  add({"L=1", 1, 1, 1, 64});
-  add({"L=7 holes", 2, 7, 2, 32, {}, 1});
-  add({"L=97 D=40 holes", 3, 97, 2, 40, {}, 1});
-  add({"L=130 D=33", 2, 130, 1, 33});
-  add({"L=97 D=128", 1, 97, 2, 128});
-  add({"L=40 D=160 holes", 2, 40, 1, 160, {}, 1});
-  add({"L=513 holes", 1, 513, 1, 32, {}, 1});
-  add({"D=1", 2, 9, 2, 1, {}, 1});
-  add({"varlen", 4, 70, 2, 64, {33, 0, 70, 1}});
-  add({"varlen long", 2, 300, 1, 48, {300, 17}});
-  add({"no sequences", 0, 5, 2, 32});
+  auto varlen = [&](const char* name, int64_t heads, int64_t d, std::vector<int32_t> lengths) {
+    padded(name, static_cast<int64_t>(lengths.size()), 0, heads, d, false);
+    Case& c = cases.back();
+    for (int32_t n : lengths) c.seqlen = std::max<int64_t>(c.seqlen, n);
+    c.lengths = std::move(lengths);
+  };
+  padded("L=1", 1, 1, 1, 64, false);
+  padded("L=7 holes", 2, 7, 2, 32, true);
+  padded("L=97 D=40 holes", 3, 97, 2, 40, true);
+  padded("L=130 D=33", 2, 130, 1, 33, false);
+  padded("L=97 D=128", 1, 97, 2, 128, false);
+  padded("L=40 D=160 holes", 2, 40, 1, 160, true);
+  padded("L=513 holes", 1, 513, 1, 32, true);
+  padded("D=1", 2, 9, 2, 1, true);
+  padded("no sequences", 0, 5, 2, 32, false);
+  varlen("varlen", 2, 64, {33, 0, 70, 1});
+  varlen("varlen long", 1, 48, {300, 17});
   std::vector<Case> all;
   for (const Case& c : cases) {
     for (float p : {0.f, 0.2f}) {
