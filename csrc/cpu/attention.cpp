@@ -25,6 +25,11 @@
 // per-ISA kernel files. Select the ISA this file is compiled for (-march=native in setup.py and
 // CMake): the types then live in the inline namespace at::vec::<ISA>, so they cannot clash with
 // another translation unit's Vectorized.
+// GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* pass-through operands) as
+// uninitialized once inlined; the state must hold where <immintrin.h> is first included.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 #if !defined(CPU_CAPABILITY)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__)
@@ -49,16 +54,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-// torch's vector headers are not -Wall -Wextra clean; GCC 12 also reports its own AVX-512
-// intrinsics (their _mm512_undefined_* pass-through operands) as uninitialized once inlined.
+// torch's vector headers are not -Wall -Wextra clean.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #pragma GCC diagnostic pop
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
