@@ -418,8 +418,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     Returns:
         ``[total_tokens, heads, D]`` (contiguous) in the dtype of ``q``.
 
-    For the same data and seed the Triton kernels draw the same dropout mask here as
-    :func:`attention` with ``L = max_seqlen`` does.
+    For the same data and seed the Triton and the cpu kernels draw the same dropout mask here
+    as :func:`attention` with ``L = max_seqlen`` does.
     """
     _check_qkv(q, k, v, 3, "[total_tokens, heads, D]")
     scale = _check_common(dropout_p, scale, q.shape[-1])
