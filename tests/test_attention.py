@@ -900,6 +900,23 @@ def test_opcheck_cpu_kernel_ops():
                                 None, seqlen, scale, 0.2, new_seed("cpu")))
 
 
+@needs_cpu_kernel
+def test_cpu_kernel_under_torch_compile():
+    q, k, v = (randn(2, 9, 2, 16, requires_grad=True) for _ in range(3))
+    mask = _mask("right", 2, 9, "cpu")
+
+    def run(q, k, v):
+        with roberta_fast.use_backend("cpu"):
+            return attention(q, k, v, key_padding_mask=mask, dropout_p=0.1)
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(run)(q, k, v).graph_break_count == 0
+    out = torch.compile(run)(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out.shape == q.shape and all(torch.isfinite(g).all() for g in grads)
+    assert (out[~mask] == 0).all()
+
+
 def _bad_cpu_kernel_cases():
     q = randn(2, 5, 2, 8)
     mask = torch.ones(2, 5, dtype=torch.bool)
