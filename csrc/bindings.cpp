@@ -427,13 +427,212 @@ TORCH_LIBRARY_IMPL(roberta_fast, CUDA, m) {
 
 
 // ===== attention =====
-// The CUDA C++ forward (inference, no dropout); training and the backward run the Triton kernels,
-// which read the same O and LSE. There is no CPU implementation: CPU attention is torch SDPA.
+// attention_fwd -> (out, lse) and attention_bwd -> (dq, dk, dv) on the padded [B, L, heads, D]
+// (optional key_padding_mask [B, L], max_seqlen = L) or the varlen [T, heads, D] layout
+// (cu_seqlens). CPU: the blocked kernels of csrc/cpu/attention.cpp, forward and backward, fp32 /
+// bf16 / fp16, any head dim, dropout in-kernel from `seed` (int64 [1]). CUDA: the forward only,
+// for inference (fp16/bf16, no dropout); its gradients come from the Triton backward, which reads
+// the same out and lse.
+#include "cpu/attention.h"
 
 TORCH_LIBRARY_FRAGMENT(roberta_fast, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, "
-      "int max_seqlen, float scale) -> (Tensor out, Tensor lse)");
+      "int max_seqlen, float scale, float dropout_p=0.0, Tensor? seed=None) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+namespace {
+namespace attn {
+
+namespace rc = roberta_fast::cpu;
+
+// Checks of q, k, v (and the other [.., heads, D] operands) and the batch description; returns
+// the layout the kernels take. Every message names the op and says what was expected.
+rc::AttentionLayout check_layout(const char* op, const at::Tensor& q,
+                                 const std::vector<const at::Tensor*>& others,
+                                 const std::optional<at::Tensor>& key_padding_mask,
+                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
+                                 double scale) {
+  const bool varlen = cu_seqlens.has_value();
+  TORCH_CHECK_VALUE(q.dim() == (varlen ? 3 : 4), op, ": q must be ",
+                    varlen ? "[T, heads, D] with cu_seqlens" : "[B, L, heads, D]", ", got shape ",
+                    q.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                       q.scalar_type() == at::kHalf,
+                   op, ": the cpu kernel takes float32, bfloat16 or float16, got ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(q.size(-1) >= 1, op, ": head dim must be at least 1");
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": every [.., heads, D] operand must have q's "
+                      "shape ", q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": every operand must have q's "
+                     "dtype ", q.scalar_type(), ", got ", t->scalar_type());
+  }
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": operands must be CPU tensors, got ",
+                      t->device());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  rc::AttentionLayout layout;
+  layout.heads = q.size(-2);
+  layout.head_dim = q.size(-1);
+  if (varlen) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK_VALUE(!key_padding_mask.has_value(), op,
+                      ": the varlen layout (cu_seqlens) takes no key_padding_mask");
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
+                     cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2 && cu.is_contiguous() &&
+                          cu.device().is_cpu(),
+                      op, ": cu_seqlens must be a contiguous 1-D CPU tensor [batch + 1], got "
+                      "shape ", cu.sizes());
+    TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+    const int32_t* c = cu.const_data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
+    for (int64_t b = 0; b + 1 < cu.size(0); ++b) {
+      TORCH_CHECK_VALUE(c[b + 1] >= c[b], op, ": cu_seqlens must be non-decreasing");
+      TORCH_CHECK_VALUE(c[b + 1] - c[b] <= max_seqlen, op, ": sequence ", b, " has ",
+                        c[b + 1] - c[b], " tokens, more than max_seqlen = ", max_seqlen);
+    }
+    TORCH_CHECK_VALUE(c[cu.size(0) - 1] == q.size(0), op, ": cu_seqlens[-1] = ",
+                      c[cu.size(0) - 1], " must equal total_tokens = ", q.size(0));
+    layout.batch = cu.size(0) - 1;
+    layout.seqlen = max_seqlen;
+    layout.tokens = q.size(0);
+    layout.cu_seqlens = c;
+  } else {
+    TORCH_CHECK_VALUE(max_seqlen == q.size(1), op, ": max_seqlen must be L = ", q.size(1),
+                      " for the padded layout, got ", max_seqlen);
+    layout.batch = q.size(0);
+    layout.seqlen = q.size(1);
+    if (key_padding_mask.has_value()) {
+      const at::Tensor& mask = *key_padding_mask;
+      TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, op,
+                       ": key_padding_mask must be bool (True = real token), got ",
+                       mask.scalar_type());
+      TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == q.size(1),
+                        op, ": key_padding_mask must be [B, L] = [", q.size(0), ", ", q.size(1),
+                        "], got ", mask.sizes());
+      TORCH_CHECK_VALUE(mask.is_contiguous() && mask.device().is_cpu(), op,
+                        ": key_padding_mask must be a contiguous CPU tensor");
+      layout.key_padding_mask = mask.const_data_ptr<bool>();
+    }
+  }
+  return layout;
+}
+
+uint64_t seed_value(const char* op, double dropout_p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+  if (dropout_p == 0.0) return 0;
+  TORCH_CHECK_VALUE(seed.has_value() && seed->defined(), op, ": dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                   ": seed must be an int64 tensor of one element");
+  TORCH_CHECK_VALUE(seed->device().is_cpu(), op, ": seed must be a CPU tensor");
+  return static_cast<uint64_t>(seed->item<int64_t>());
+}
+
+std::vector<int64_t> lse_shape(const at::Tensor& q, bool varlen) {
+  if (varlen) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(2), q.size(1)};
+}
+
+// The kernels read any strides but need a unit stride along D.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1 ? t : t.contiguous();
+}
+
+template <typename T>
+rc::AttentionOperand<T> operand(const at::Tensor& t, bool varlen) {
+  rc::AttentionOperand<T> x;
+  x.data = t.const_data_ptr<T>();
+  x.batch = varlen ? 0 : t.stride(0);
+  x.token = t.stride(varlen ? 0 : 1);
+  x.head = t.stride(varlen ? 1 : 2);
+  return x;
+}
+
+// Calls f(T{}) with the C++ type of dtype (one of the three check_layout admits).
+template <typename F>
+void dispatch(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: return f(c10::Half{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                           const at::Tensor& v_in,
+                                           const std::optional<at::Tensor>& key_padding_mask,
+                                           const std::optional<at::Tensor>& cu_seqlens,
+                                           int64_t max_seqlen, double scale, double dropout_p,
+                                           const std::optional<at::Tensor>& seed) {
+  const char* op = "attention_fwd";
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in),
+                   v = unit_last_stride(v_in);
+  const rc::AttentionLayout layout =
+      check_layout(op, q, {&q, &k, &v}, key_padding_mask, cu_seqlens, max_seqlen, scale);
+  const uint64_t seed_v = seed_value(op, dropout_p, seed);
+  const bool varlen = cu_seqlens.has_value();
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(lse_shape(q, varlen), q.options().dtype(at::kFloat));
+  dispatch(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    rc::attention_fwd<T>(layout, operand<T>(q, varlen), operand<T>(k, varlen),
+                         operand<T>(v, varlen), out.mutable_data_ptr<T>(),
+                         lse.mutable_data_ptr<float>(), static_cast<float>(scale),
+                         static_cast<float>(dropout_p), seed_v);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, double scale,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
+  const char* op = "attention_bwd";
+  const at::Tensor grad_out = unit_last_stride(grad_out_in), q = unit_last_stride(q_in),
+                   k = unit_last_stride(k_in), v = unit_last_stride(v_in),
+                   out = unit_last_stride(out_in);
+  const rc::AttentionLayout layout = check_layout(op, q, {&q, &k, &v, &out, &grad_out},
+                                                  key_padding_mask, cu_seqlens, max_seqlen, scale);
+  const uint64_t seed_v = seed_value(op, dropout_p, seed);
+  const bool varlen = cu_seqlens.has_value();
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape(q, varlen)) &&
+                        lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                        lse.device().is_cpu(),
+                    op, ": lse must be the forward's contiguous float32 ",
+                    varlen ? "[heads, T]" : "[B, heads, L]", " tensor, got ", lse.sizes(), " ",
+                    lse.scalar_type());
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty(q.sizes(), contiguous);
+  at::Tensor dk = at::empty(q.sizes(), contiguous);
+  at::Tensor dv = at::empty(q.sizes(), contiguous);
+  dispatch(q.scalar_type(), [&](auto t) {
+    using T = decltype(t);
+    rc::attention_bwd<T>(layout, operand<T>(grad_out, varlen), operand<T>(q, varlen),
+                         operand<T>(k, varlen), operand<T>(v, varlen), operand<T>(out, varlen),
+                         lse.const_data_ptr<float>(), dq.mutable_data_ptr<T>(),
+                         dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
+                         static_cast<float>(scale), static_cast<float>(dropout_p), seed_v);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace attn
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roberta_fast, CPU, m) {
+  m.impl("attention_fwd", &attn::fwd_cpu);
+  m.impl("attention_bwd", &attn::bwd_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -445,8 +644,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& key_padding_mask,
                                                       const std::optional<at::Tensor>& cu_seqlens,
-                                                      int64_t max_seqlen, double scale) {
+                                                      int64_t max_seqlen, double scale,
+                                                      double dropout_p,
+                                                      const std::optional<at::Tensor>& /*seed*/) {
   namespace rc = roberta_fast::cuda;
+  TORCH_CHECK_VALUE(dropout_p == 0.0, "attention_fwd: the CUDA forward has no dropout; training "
+                    "runs the Triton kernels");
   const bool varlen = cu_seqlens.has_value();
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
               "attention_fwd: q, k, v must be CUDA tensors on one device");

@@ -10,8 +10,11 @@ Backends (chosen by :func:`roberta_fast.backends.resolve` for the tensors' devic
 * ``"cuda"``: the CUDA C++ forward ``roberta_fast::attention_fwd`` when it is built, the dtype is
   fp16/bf16, the head dim is one it supports and there is no dropout; gradients come from the
   Triton backward (same LSE convention). Anything else falls back to the Triton kernels.
-* ``"cpu"``: :func:`torch.nn.functional.scaled_dot_product_attention`. Its dropout draws from
-  torch's generator, not from the kernels' Philox stream.
+* ``"cpu"``: the C++ kernels ``roberta_fast::attention_fwd`` / ``attention_bwd`` (blocked online
+  softmax, matrix products through ATen's brgemm, bf16 on AMX tiles where the CPU has them) for
+  fp32, bf16 and fp16, with in-kernel dropout drawing the Triton kernels' Philox mask; other dtypes
+  (float64) go to :func:`torch.nn.functional.scaled_dot_product_attention`, whose dropout draws
+  from torch's generator.
 * ``"reference"``: :func:`roberta_fast.reference.attention.forward_native`.
 """
 from __future__ import annotations
@@ -91,12 +94,12 @@ def _setup_fwd_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
+def _fwd_backward(ctx, grad_out, grad_lse, bwd=_attention_triton_bwd):
     q, k, v, out, lse, key_padding_mask, cu_seqlens, seed = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_triton_bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens,
-                                       ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.max_seqlen,
+                     ctx.scale, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -104,10 +107,28 @@ torch.library.register_autograd("roberta_fast::attention_triton_fwd", _fwd_backw
                                 setup_context=_setup_fwd_context)
 
 
-if backends.native_module() is not None:  # the schema comes with _C (its kernel with CUDA builds)
+if backends.native_module() is not None:  # the schemas come with _C
     @torch.library.register_fake("roberta_fast::attention_fwd")
-    def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    def _(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p=0.0, seed=None):
         return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
+
+    @torch.library.register_fake("roberta_fast::attention_bwd")
+    def _(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, scale,
+          dropout_p, seed):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup_native_context(ctx, inputs, output):
+        _setup_fwd_context(ctx, inputs, output)
+        # The C++ backward on the CPU; on CUDA (forward only in C++) the Triton backward, which
+        # reads the same out and LSE.
+        cpu = inputs[0].device.type == "cpu"
+        ctx.bwd = torch.ops.roberta_fast.attention_bwd if cpu else _attention_triton_bwd
+
+    def _native_fwd_backward(ctx, grad_out, grad_lse):
+        return _fwd_backward(ctx, grad_out, grad_lse, ctx.bwd)
+
+    torch.library.register_autograd("roberta_fast::attention_fwd", _native_fwd_backward,
+                                    setup_context=_setup_native_context)
 
 
 class _NativeForwardTritonBackward(torch.autograd.Function):
@@ -130,8 +151,30 @@ class _NativeForwardTritonBackward(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# CPU (SDPA) path
+# CPU: the C++ kernels, and torch SDPA for what they do not take (and as a baseline)
 # --------------------------------------------------------------------------------------------
+
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_kernel_usable(q: Tensor) -> bool:
+    """Whether the C++ CPU kernels take this call (float64 and builds without _C use SDPA)."""
+    return q.dtype in _CPU_KERNEL_DTYPES and backends.has_native_op("attention_fwd", "cpu")
+
+
+def _run_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                    cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                    scale: float) -> Tensor:
+    # The kernels read strided views (a fused projection's slices) as they are.
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    seed = new_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = torch.ops.roberta_fast.attention_fwd(q, k, v, key_padding_mask, cu_seqlens,
+                                                  max_seqlen, scale, float(dropout_p), seed)
+    return out
+
 
 def _sdpa_padded(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                  dropout_p: float, scale: float) -> Tensor:
@@ -334,7 +377,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     (see the module docstring). The GPU backends take fp16, bf16 and fp32 with ``D <= 128``;
     the ``"cuda"`` backend runs its C++ forward only for fp16/bf16, ``D`` in (32, 64, 128), no
     dropout, strides in multiples of 8 elements and outside ``torch.compile``, and the Triton
-    kernels otherwise.
+    kernels otherwise. The ``"cpu"`` backend runs its C++ kernels for fp32, bf16 and fp16 (any
+    ``D``; dropout drawn in-kernel like the Triton kernels' mask) and SDPA for float64.
     """
     _check_qkv(q, k, v, 4, "[B, L, heads, D]")
     scale = _check_common(dropout_p, scale, q.shape[-1])
@@ -345,6 +389,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         return _run_kernels(q, k, v, key_padding_mask, None, q.shape[1], dropout_p, scale,
                             backend)
     if backend == "cpu":
+        if _cpu_kernel_usable(q):
+            return _run_cpu_kernel(q, k, v, key_padding_mask, None, q.shape[1], dropout_p, scale)
         return _sdpa_padded(q, k, v, key_padding_mask, dropout_p, scale)
     if backend == "reference":
         drop = None
@@ -372,8 +418,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     Returns:
         ``[total_tokens, heads, D]`` (contiguous) in the dtype of ``q``.
 
-    For the same data and seed the Triton kernels draw the same dropout mask here as
-    :func:`attention` with ``L = max_seqlen`` does.
+    For the same data and seed the Triton and the cpu kernels draw the same dropout mask here
+    as :func:`attention` with ``L = max_seqlen`` does.
     """
     _check_qkv(q, k, v, 3, "[total_tokens, heads, D]")
     scale = _check_common(dropout_p, scale, q.shape[-1])
@@ -385,6 +431,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     if q.shape[0] == 0:
         return q.new_zeros(q.shape)
     if backend == "cpu":
+        if _cpu_kernel_usable(q):
+            return _run_cpu_kernel(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale)
         return _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
     if backend == "reference":
         drop = None
