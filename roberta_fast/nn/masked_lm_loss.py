@@ -36,6 +36,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import (
 )
 
 from ..ops.masked_lm_loss import _masked_lm_loss, gather_labelled
+from .attention import SavesAsStockMixin
 
 __all__ = ["MaskedLMHead", "XLMRobertaMaskedLMHead", "MaskedLMPredictionHead",
            "FastRobertaForMaskedLM", "FastXLMRobertaForMaskedLM", "FastBertForMaskedLM",
@@ -129,7 +130,7 @@ class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
         return self.transform(x)
 
 
-class _FastMaskedLMMixin:
+class _FastMaskedLMMixin(SavesAsStockMixin):
     """``convert`` and the labelled forward shared by the ``*ForMaskedLM`` twins.
 
     Each twin names its stock class, the attribute of its encoder, the path of its LM head (and
@@ -186,18 +187,6 @@ class _FastMaskedLMMixin:
         head.__class__ = cls._fast_head_class
         head.logits_mode = logits
         return model
-
-    def save_pretrained(self, *args, **kwargs):
-        """The stock ``save_pretrained``, run as the stock class: ``config.json`` names the
-        architecture the class's name, and it must be the stock one for stock transformers (and
-        pipelines, and the hub) to read the model back."""
-        fast = type(self)
-        stock = fast._stock_class
-        self.__class__ = stock
-        try:
-            return stock.save_pretrained(self, *args, **kwargs)
-        finally:
-            self.__class__ = fast
 
     def _fused_forward(self, *args, **kwargs):
         """The stock signature; with ``labels`` the LM head runs on the labelled positions only.
