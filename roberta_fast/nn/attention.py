@@ -45,7 +45,8 @@ real token ever reads; everything at real positions, losses and gradients match.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,6 +68,7 @@ __all__ = [
     "backend_scope",
     "ClassSwapMixin",
     "SavesAsStockMixin",
+    "forward_in_stock_signature",
 ]
 
 def _op(name: str):
@@ -93,11 +95,16 @@ def backend_scope(module: nn.Module):
     return _backends.use_backend(name)
 
 
+try:  # looked up once: a failing import inside a compiled forward would break its graph
+    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+except ImportError:  # older or newer transformers without this mechanism
+    _COLLECTOR = None
+
+
 def _active_collector() -> dict | None:
     """The dict Hugging Face's ``capture_outputs`` is filling during this forward, if any."""
-    try:
-        from transformers.utils.output_capturing import _active_collector as collector
-    except ImportError:  # older or newer transformers without this mechanism
+    collector = _COLLECTOR
+    if collector is None:
         return None
     if torch.compiler.is_compiling():
         # Under torch.compile transformers keeps the collector in a plain attribute (ContextVar
@@ -198,6 +205,26 @@ class ClassSwapMixin:
             module.__class__ = cls._stock_class
             module.__dict__.pop("_roberta_fast_backend", None)
         return module
+
+
+def forward_in_stock_signature(cls: type, impl: Callable) -> tuple[str, ...]:
+    """Give ``cls`` a ``forward`` that calls ``impl(self, *args, **kwargs)`` and shows the
+    signature of ``cls._stock_class.forward``; return the names that signature takes positionally.
+
+    The stock signature differs between transformers releases (4.x has ``head_mask`` fifth), so
+    it is read, not written out; what inspects it sees the stock one: the ``Trainer`` (which keeps
+    only the dataset columns ``forward`` names) and ``torch.export`` (which binds inputs by it).
+    """
+    signature = inspect.signature(cls._stock_class.forward)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = impl.__doc__
+    cls.forward = forward
+    return tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind in kinds)
 
 
 class SavesAsStockMixin:

@@ -43,7 +43,6 @@ the exported program runs the padded path, whose results at real positions are t
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -58,6 +57,7 @@ from .attention import (
     SavesAsStockMixin,
     _active_collector,
     _FastSelfAttentionMixin,
+    forward_in_stock_signature,
     key_padding_mask_from_attention_mask,
     needs_stock_forward,
 )
@@ -81,14 +81,6 @@ def layers_pass_kwargs(layer_cls: type) -> bool:
     arguments on to its attention): transformers 5.x layers do, 4.x layers do not."""
     params = inspect.signature(layer_cls.forward).parameters.values()
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-@functools.lru_cache(maxsize=None)
-def _positional_names(cls: type) -> tuple[str, ...]:
-    """The names ``cls.forward`` takes positionally, after ``self``."""
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params = list(inspect.signature(cls.forward).parameters.values())[1:]
-    return tuple(p.name for p in params if p.kind in kinds)
 
 
 def _register_recordable_outputs(model) -> None:
@@ -145,26 +137,31 @@ class _FastModelMixin(SavesAsStockMixin, ClassSwapMixin):
             embedding_output=embedding_output, encoder_hidden_states=encoder_hidden_states,
             **kwargs)
 
-    if not _MASKS_IN_METHOD:
-        def forward(self, *args, **kwargs):
-            """Transformers 4.x: the stock forward, with the caller's key-padding mask left on
-            the encoder for this call (the stock 4-D mask is still built, and not read)."""
-            named = {**dict(zip(_positional_names(type(self)._stock_class), args)), **kwargs}
-            ids, embeds = named.get("input_ids"), named.get("inputs_embeds")
-            shape = ids.shape if ids is not None else (
-                embeds.shape[:-1] if embeds is not None else None)
-            usable = shape is not None and len(shape) == 2
-            if usable:
-                usable, key_padding = self._entry_key_padding(
-                    named.get("attention_mask"), shape[0], shape[1],
-                    named.get("encoder_hidden_states"), named.get("encoder_attention_mask"))
-            if not usable:
-                return super().forward(*args, **kwargs)
-            self.encoder.__dict__[_ENTRY_ATTR] = (key_padding,)
-            try:
-                return super().forward(*args, **kwargs)
-            finally:
-                self.encoder.__dict__.pop(_ENTRY_ATTR, None)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not _MASKS_IN_METHOD:
+            cls._forward_names = forward_in_stock_signature(cls, _FastModelMixin._forward_4x)
+
+    def _forward_4x(self, *args, **kwargs):
+        """Transformers 4.x: the stock forward, with the caller's key-padding mask left on the
+        encoder for this call (the stock 4-D mask is still built, and not read)."""
+        stock = type(self)._stock_class.forward
+        named = {**dict(zip(self._forward_names, args)), **kwargs}
+        ids, embeds = named.get("input_ids"), named.get("inputs_embeds")
+        shape = ids.shape if ids is not None else (
+            embeds.shape[:-1] if embeds is not None else None)
+        usable = shape is not None and len(shape) == 2
+        if usable:
+            usable, key_padding = self._entry_key_padding(
+                named.get("attention_mask"), shape[0], shape[1],
+                named.get("encoder_hidden_states"), named.get("encoder_attention_mask"))
+        if not usable:
+            return stock(self, *args, **kwargs)
+        self.encoder.__dict__[_ENTRY_ATTR] = (key_padding,)
+        try:
+            return stock(self, *args, **kwargs)
+        finally:
+            self.encoder.__dict__.pop(_ENTRY_ATTR, None)
 
 
 class FastRobertaModel(_FastModelMixin, RobertaModel):

@@ -22,8 +22,6 @@ head bias) stays intact.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
@@ -36,7 +34,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import (
 )
 
 from ..ops.masked_lm_loss import _masked_lm_loss, gather_labelled
-from .attention import SavesAsStockMixin
+from .attention import SavesAsStockMixin, forward_in_stock_signature
 
 __all__ = ["MaskedLMHead", "XLMRobertaMaskedLMHead", "MaskedLMPredictionHead",
            "FastRobertaForMaskedLM", "FastXLMRobertaForMaskedLM", "FastBertForMaskedLM",
@@ -148,22 +146,9 @@ class _FastMaskedLMMixin(SavesAsStockMixin):
 
     def __init_subclass__(cls, **kwargs):
         """Give the twin ``_fused_forward`` dressed in the stock ``forward``'s signature, and the
-        names that signature takes positionally. The signature differs between transformers
-        releases (4.x has ``head_mask`` fifth), so it is read, not written out; callers that
-        inspect it (the ``Trainer`` keeps only the dataset columns ``forward`` names) see the
-        stock one."""
+        names that signature takes positionally."""
         super().__init_subclass__(**kwargs)
-        signature = inspect.signature(cls._stock_class.forward)
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        cls._forward_names = tuple(p.name for p in list(signature.parameters.values())[1:]
-                                   if p.kind in kinds)
-
-        def forward(self, *args, **kwargs):
-            return self._fused_forward(*args, **kwargs)
-
-        forward.__signature__ = signature
-        forward.__doc__ = _FastMaskedLMMixin._fused_forward.__doc__
-        cls.forward = forward
+        cls._forward_names = forward_in_stock_signature(cls, _FastMaskedLMMixin._fused_forward)
 
     @classmethod
     def convert(cls, model: nn.Module, logits: str = "masked") -> nn.Module:
