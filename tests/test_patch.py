@@ -345,48 +345,6 @@ def test_backend_pin(monkeypatch):
     assert not model._forward_pre_hooks and not model._forward_hooks
 
 
-@pytest.mark.parametrize("unpad", [False, True])
-def test_autocast_bf16(unpad):
-    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
-                                    dict(layer_norm=False, mlm_loss=False, unpad=unpad))
-    batch = make_batch("ForSequenceClassification")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_f = fast(**batch).loss
-        loss_s = stock(**batch).loss
-    assert torch.isfinite(loss_f)
-    assert rel_err(loss_f, loss_s) < 5e-2
-    loss_f.backward()
-    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("unpad", [False, True])
-def test_autocast_on_gpu_with_grad_scaler(dtype, unpad):
-    """bf16, and fp16 with a GradScaler, on the GPU: a few AdamW steps of a patched MLM model stay
-    finite and its first loss is the stock model's within half-precision error."""
-    dtype = getattr(torch, dtype)
-    stock = make_model("roberta", "ForMaskedLM").cuda().train()
-    fast = patch(copy.deepcopy(stock), unpad=unpad)
-    batches = [{k: v.cuda() for k, v in make_batch("ForMaskedLM", batch=4, seqlen=33).items()}
-               for _ in range(4)]
-    losses = {}
-    for name, model in (("stock", stock), ("fast", fast)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        losses[name] = []
-        for batch in batches:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype):
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses[name].append(float(loss))
-    assert all(torch.isfinite(torch.tensor(losses["fast"])))
-    assert abs(losses["fast"][0] - losses["stock"][0]) < 5e-2 * abs(losses["stock"][0])
-
-
 @pytest.mark.slow
 def test_torch_compile_forward_backward():
     stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
