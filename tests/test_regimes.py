@@ -55,17 +55,17 @@ def mlm_checks_logits(head: str, options: dict) -> bool:
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("option_set", list(OPTION_SETS))
-def test_cpu_autocast_bf16_matches_stock(family, head, option_set):
-    """Every head, family and option under ``torch.autocast("cpu", bfloat16)``: loss, outputs at
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_autocast_matches_stock(family, head, option_set, dtype):
+    """Every head, family and option under ``torch.autocast("cpu", dtype)``: loss, outputs at
     real positions and every parameter gradient (in the parameters' float32) against stock under
-    the same autocast."""
+    the same autocast. (fp16 without a loss scale: the tiny models' gradients stay in range.)"""
     options = OPTION_SETS[option_set]
     needs(options, family, head)
     stock, fast = stock_and_patched(family, head, options)
     batch = batch_for(head)
     skip_if_stock_fails(stock, batch)
-    _, out = half_compare(stock, fast, batch, torch.bfloat16,
-                          regime=autocast("cpu", torch.bfloat16),
+    _, out = half_compare(stock, fast, batch, dtype, regime=autocast("cpu", dtype),
                           check_logits=mlm_checks_logits(head, options))
     if head == "ForMaskedLM":
         assert out.loss.dtype == torch.float32  # as CrossEntropyLoss under autocast

@@ -15,6 +15,11 @@ The logits a labelled forward returns depend on ``logits_mode``:
   computed as stock does and differentiable; the loss is the same. Costs as much as stock.
 - ``"none"``: no logits (``None``): the fastest and leanest.
 
+Mixed precision: under ``torch.autocast`` the head's transform runs as in stock (its Linear in the
+autocast dtype) and the fused loss does what stock's decoder Linear and ``CrossEntropyLoss`` do:
+logits in the autocast dtype, cross-entropy and loss in fp32, parameter gradients in the
+parameters' dtype (see :mod:`roberta_fast.ops.masked_lm_loss`).
+
 ``FastRobertaForMaskedLM.convert(model)`` (likewise ``FastXLMRobertaForMaskedLM`` /
 ``FastBertForMaskedLM``) switches an existing model in place: parameters keep their identity,
 ``state_dict()`` is unchanged and weight tying (decoder weight = word embeddings, decoder bias =
