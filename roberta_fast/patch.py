@@ -211,6 +211,11 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
     Padded positions of the outputs (``last_hidden_state``, ``hidden_states``, token logits) hold
     values that differ from the stock model's (zeros, or values computed from zeros); real
     positions, losses and gradients match.
+
+    The patched model runs wherever the stock one does: under ``torch.autocast`` (computing what
+    stock computes there), ``torch.inference_mode`` / ``torch.no_grad``, ``torch.compile`` (one
+    graph without ``unpad``) and ``torch.export``; its padded forward and backward never wait for
+    the device (README, "Regimes").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"roberta_fast.patch needs a torch.nn.Module (a transformers model); got "
