@@ -112,6 +112,16 @@ def test_fast_path_runs_unpadded(op_calls):
     assert op_calls == {"attention": 0, "attention_varlen": 2}
 
 
+def test_unpad_without_padding_runs_padded(op_calls):
+    """A mask that pads nothing: the unpadded encoder does not pack (the fused padded attention
+    runs), and the result is stock's."""
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False, mlm_loss=False, unpad=True))
+    batch = make_batch("ForSequenceClassification", pad=False)
+    compare(stock, fast, batch)
+    assert op_calls["attention_varlen"] == 0 and op_calls["attention"] > 0
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 def test_unpatch_restores_classes_and_outputs(unpad):
     options = dict(unpad=unpad)

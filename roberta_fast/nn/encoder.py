@@ -35,11 +35,12 @@ attention would let packed sequences attend to each other. ``output_hidden_state
 returns padded ``[B, L, H]`` tensors for every layer.
 
 The padded forward runs instead of the unpadded one when no key-padding mask reached the encoder
-(nothing padded, or a mask the fast path does not take), when attention probabilities are
-requested, for decoder use (cross-attention, key/value cache, causal configs), with
-``chunk_size_feed_forward`` (its chunks would split the packed tokens), when some layer's
-self-attention is not a fast one, and under ``torch.export`` (packing has data-dependent shapes;
-the exported program runs the padded path, whose results at real positions are the same).
+(no mask, or one the fast path does not take), when the mask pads nothing or leaves nothing,
+when attention probabilities are requested, for decoder use (cross-attention, key/value cache,
+causal configs), with ``chunk_size_feed_forward`` (its chunks would split the packed tokens),
+when some layer's self-attention is not a fast one, and under ``torch.export`` (packing has
+data-dependent shapes; the exported program runs the padded path, whose results at real positions
+are the same).
 """
 from __future__ import annotations
 
@@ -250,8 +251,8 @@ class _FastEncoderMixin(ClassSwapMixin):
         if not usable or key_padding is None:
             return padded()
         packed, indices, cu_seqlens, max_seqlen = unpad_input(hidden_states, key_padding)
-        if max_seqlen == 0:  # nothing real in the whole batch
-            return padded()
+        if max_seqlen == 0 or packed.shape[0] == batch * seqlen:
+            return padded()  # nothing real in the whole batch, or nothing padded: no packing
 
         # Unset arguments are left out rather than passed on, since their names vary by release.
         layer_kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "use_cache"}
