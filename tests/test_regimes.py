@@ -349,3 +349,19 @@ def test_compiles_with_fullgraph(family, head, monkeypatch):
     assert rel_err(got, want) < 1e-5
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
     torch._dynamo.reset()
+
+
+def test_compiles_with_fullgraph_training_under_autocast(monkeypatch):
+    """Training mode (the kernels' dropout seeds) under CPU autocast traces as one graph too."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    model = patch(make_model("roberta", "ForMaskedLM", dropout=0.1).train())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    batch = make_batch("ForMaskedLM")
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(**batch).loss
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch._dynamo.reset()
