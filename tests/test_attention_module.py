@@ -181,7 +181,8 @@ def test_key_padding_mask_derivation():
         for m in (mask2d, full):
             expanded = _hf_mask(cfg, hidden, m)
             if expanded is not None:
-                assert key_padding_mask_from_attention_mask(expanded, batch, seqlen) == (False, None)
+                got = key_padding_mask_from_attention_mask(expanded, batch, seqlen)
+                assert got == (False, None)
     causal = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool))[None, None]
     assert key_padding_mask_from_attention_mask(causal, batch, seqlen) == (False, None)
     assert key_padding_mask_from_attention_mask(mask2d[:, :-1], batch, seqlen) == (False, None)
