@@ -8,13 +8,17 @@ class that adds no parameters. Weights stay the same tensor objects, so state_di
 
 What each option swaps:
 
-- ``attention``: every ``*SelfAttention`` -> ``roberta_fast.nn.attention`` (``ops.attention``).
+- ``attention``: every ``*SelfAttention`` -> ``roberta_fast.nn.attention`` (``ops.attention``),
+  and the base model (``RobertaModel`` / ``BertModel`` / ``XLMRobertaModel``, the model itself or
+  its ``roberta`` / ``bert`` submodule) and its ``*Encoder`` -> ``roberta_fast.nn.encoder``, which
+  hand the caller's 2-D ``attention_mask`` to the attention as its key-padding mask (no mask is
+  inspected on the device).
 - ``layer_norm``: every ``*SelfOutput`` / ``*Output`` -> ``roberta_fast.nn.layer_norm_residual``
   (``ops.fused_residual_layer_norm``).
 - ``mlm_loss``: a ``*ForMaskedLM`` model -> ``roberta_fast.nn.masked_lm_loss`` (the loss on masked
   tokens only; ``mlm_logits`` says which logits it still returns). Ignored for other heads.
-- ``unpad``: the ``*Encoder`` -> ``roberta_fast.nn.encoder`` (padding removed once at the encoder's
-  entry; needs ``attention=True``).
+- ``unpad``: the encoder's unpadded mode (padding removed once at the encoder's entry; needs
+  ``attention=True``).
 """
 from __future__ import annotations
 
@@ -113,6 +117,7 @@ def _plan(model: nn.Module, options: dict[str, Any]) -> list[tuple[str, Any]]:
 
     attention_twins = _fast_family(attention_mod.FAST_CLASSES)
     encoder_twins = _fast_family(encoder_mod.FAST_CLASSES)
+    model_twins = _fast_family(encoder_mod.MODEL_CLASSES)
 
     modules = dict(model.named_modules())
     encoders = [n for n, m in modules.items() if type(m) in encoder_twins]
@@ -128,6 +133,11 @@ def _plan(model: nn.Module, options: dict[str, Any]) -> list[tuple[str, Any]]:
         for name, m in modules.items():
             if type(m) in attention_twins:
                 plan.append((name, attention_twins[type(m)].convert))
+            elif type(m) in model_twins:
+                plan.append((name, model_twins[type(m)].convert))
+        for name in encoders:
+            plan.append((name, lambda m, _c=encoder_twins[type(modules[name])].convert:
+                         _c(m, unpad=options["unpad"])))
 
     if options["layer_norm"]:
         ln_mod, why = _load("layer_norm_residual")
@@ -162,9 +172,6 @@ def _plan(model: nn.Module, options: dict[str, Any]) -> list[tuple[str, Any]]:
             fast = mlm_twins[type(model)]
             plan.append(("", lambda m, _f=fast: _f.convert(m, logits=options["mlm_logits"])))
 
-    if options["unpad"]:
-        for name in encoders:
-            plan.append((name, encoder_twins[type(modules[name])].convert))
     return plan
 
 
@@ -204,6 +211,11 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
     Padded positions of the outputs (``last_hidden_state``, ``hidden_states``, token logits) hold
     values that differ from the stock model's (zeros, or values computed from zeros); real
     positions, losses and gradients match.
+
+    The patched model runs wherever the stock one does: under ``torch.autocast`` (computing what
+    stock computes there), ``torch.inference_mode`` / ``torch.no_grad``, ``torch.compile`` (one
+    graph without ``unpad``) and ``torch.export``; its padded forward and backward never wait for
+    the device (README, "Regimes").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"roberta_fast.patch needs a torch.nn.Module (a transformers model); got "
@@ -276,6 +288,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for name, cls in record["classes"].items():
         module = model.get_submodule(name) if name else model
         module.__class__ = cls
-        module.__dict__.pop("_roberta_fast_backend", None)
+        for attr in ("_roberta_fast_backend", "_roberta_fast_unpad"):
+            module.__dict__.pop(attr, None)
     del model.__dict__[_RECORD]
     return model

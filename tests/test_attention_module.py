@@ -130,10 +130,10 @@ def test_matches_stock(family, impl, batch, seqlen, hidden_size, heads, count_op
     cfg64 = copy.deepcopy(cfg)
     out_ref, gx_ref, g_ref = _run(ref, hidden.double(), _hf_mask(cfg64, hidden.double(), mask2d),
                                   real, upstream.double())
-    mask = _hf_mask(cfg, hidden, mask2d)
-    out_base, gx_base, g_base = _run(stock, hidden, mask, real, upstream)
+    out_base, gx_base, g_base = _run(stock, hidden, _hf_mask(cfg, hidden, mask2d), real, upstream)
     calls = count_ops["attention"].calls
-    out, gx, g = _run(fast, hidden, mask, real, upstream)
+    # The fast module gets what the patched base model hands its layers: the 2-D bool mask.
+    out, gx, g = _run(fast, hidden, real, real, upstream)
     assert count_ops["attention"].calls == calls + 1, "the fast path did not run"
 
     assert_close(out, out_ref, baseline=out_base, name="output")
@@ -143,7 +143,8 @@ def test_matches_stock(family, impl, batch, seqlen, hidden_size, heads, count_op
 
 @pytest.mark.parametrize("family", ["roberta", "bert"])
 def test_mask_forms(family, count_ops):
-    """2-D (flash-style), None and integer masks give the stock result on the fast path."""
+    """2-D bool and integer masks and None give the stock result on the fast path; a padding mask
+    already expanded to 4-D is not read on the device, so it takes the stock path."""
     cfg = _config(family, "eager")
     stock = FAMILIES[family][1](cfg).eval()
     fast = FAMILIES[family][2].convert(copy.deepcopy(stock))
@@ -151,37 +152,58 @@ def test_mask_forms(family, count_ops):
     mask2d = _padding(batch, seqlen)
     hidden = randn(batch, seqlen, cfg.hidden_size)
     real = mask2d.bool()[..., None]
+    mask4d = _hf_mask(cfg, hidden, mask2d)
     with torch.no_grad():
-        want = stock(hidden, attention_mask=_hf_mask(cfg, hidden, mask2d))[0] * real
+        want = stock(hidden, attention_mask=mask4d)[0] * real
         for given in (mask2d.bool(), mask2d):
             got = fast(hidden, attention_mask=given)[0] * real
             assert_close(got, want, name="2-D mask")
         assert_close(fast(hidden)[0], stock(hidden)[0], name="no mask")
+        assert count_ops["attention"].calls == 3
+        assert_close(fast(hidden, attention_mask=mask4d)[0] * real, want, name="4-D mask")
     assert count_ops["attention"].calls == 3
 
 
 def test_key_padding_mask_derivation():
+    """Only masks that are key-padding masks by their form are taken; none is read."""
     cfg = _config("roberta", "eager")
     batch, seqlen = 3, 6
     mask2d = _padding(batch, seqlen)
     hidden = randn(batch, seqlen, cfg.hidden_size)
-    for impl in ("eager", "sdpa"):
+    assert key_padding_mask_from_attention_mask(None, batch, seqlen) == (True, None)
+    ok, kpm = key_padding_mask_from_attention_mask(mask2d.bool(), batch, seqlen)
+    assert ok and kpm is not None and torch.equal(kpm, mask2d.bool())
+    ok, kpm = key_padding_mask_from_attention_mask(mask2d, batch, seqlen)
+    assert ok and torch.equal(kpm, mask2d.bool())
+    for impl in ("eager", "sdpa"):  # stock's expanded 4-D masks
         cfg._attn_implementation = impl
-        ok, kpm = key_padding_mask_from_attention_mask(_hf_mask(cfg, hidden, mask2d), batch, seqlen)
-        assert ok and torch.equal(kpm, mask2d.bool())
         full = torch.ones(batch, seqlen, dtype=torch.long)
-        ok, kpm = key_padding_mask_from_attention_mask(_hf_mask(cfg, hidden, full), batch, seqlen)
-        assert ok and kpm is None
+        for m in (mask2d, full):
+            expanded = _hf_mask(cfg, hidden, m)
+            if expanded is not None:
+                got = key_padding_mask_from_attention_mask(expanded, batch, seqlen)
+                assert got == (False, None)
     causal = torch.tril(torch.ones(seqlen, seqlen, dtype=torch.bool))[None, None]
     assert key_padding_mask_from_attention_mask(causal, batch, seqlen) == (False, None)
-    bias = randn(batch, 1, seqlen, seqlen)
-    assert key_padding_mask_from_attention_mask(bias, batch, seqlen) == (False, None)
-    # The old -10000 convention still reads as padding.
-    old = (1.0 - mask2d[:, None, None, :].float()) * -10000.0
-    ok, kpm = key_padding_mask_from_attention_mask(old, batch, seqlen)
-    assert ok and torch.equal(kpm, mask2d.bool())
     assert key_padding_mask_from_attention_mask(mask2d[:, :-1], batch, seqlen) == (False, None)
     assert key_padding_mask_from_attention_mask(mask2d.float(), batch, seqlen) == (False, None)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_stock_fallback_takes_the_2d_mask(impl, count_ops):
+    """When the stock forward runs on a 2-D key-padding mask (attention probabilities asked
+    for), it gets the additive bias its implementation expects: the stock result."""
+    cfg = _config("roberta", impl)
+    stock = RobertaSelfAttention(cfg).eval()
+    fast = FastRobertaSelfAttention.convert(copy.deepcopy(stock))
+    hidden = randn(3, 7, cfg.hidden_size)
+    mask2d = _padding(3, 7)
+    real = mask2d.bool()[..., None]
+    with torch.no_grad():
+        want = stock(hidden, attention_mask=_hf_mask(cfg, hidden, mask2d))[0]
+        got = fast(hidden, attention_mask=mask2d.bool(), output_attentions=True)[0]
+    assert_close(got * real, want * real, name="fallback output")
+    assert count_ops["attention"].calls == 0
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -211,7 +233,7 @@ def test_output_attentions_takes_stock_path(count_ops):
     mask2d = _padding(2, 5)
     mask = _hf_mask(cfg, hidden, mask2d)
     with torch.no_grad():
-        out, probs = fast(hidden, attention_mask=mask, output_attentions=True)
+        out, probs = fast(hidden, attention_mask=mask2d.bool(), output_attentions=True)
         want, want_probs = stock(hidden, attention_mask=mask, output_attentions=True)
     assert probs is not None and probs.shape == (2, cfg.num_attention_heads, 5, 5)
     assert_close(probs, want_probs, name="probs")

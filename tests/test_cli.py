@@ -323,3 +323,19 @@ def test_bench_on_gpu_reports_fraction_of_measured_ceilings(tmp_path, monkeypatc
     assert report["ceilings"]["matmul_dtype"] == "bfloat16"
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     assert ok and all(0 < r["fraction_of_ceiling"] for r in ok)
+
+
+def test_profile_under_cpu_autocast_bf16(tmp_path):
+    """``profile --amp bf16`` on the CPU: stock and patched masked-LM training both run under
+    ``torch.autocast("cpu", bfloat16)``, with finite losses."""
+    code, _, stderr = run_main(["profile", "--config", "tiny", "--steps", "1", "--warmup", "0",
+                                "--batch", "2", "--seq", "16", "--device", "cpu", "--amp", "bf16",
+                                "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "profile-latest.json").read_text())
+    assert report["options"]["amp"] == "bf16"
+    for name in ("stock", "patched") if PATCH_IMPORTABLE else ("stock",):
+        run = report["results"][name]
+        assert "error" not in run, run.get("error")
+        assert run["tokens_per_s"] > 0
+        assert all(abs(loss) < float("inf") for loss in run["losses"])
+    assert code == 0, stderr

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import importlib.util
 import inspect
-import random
 
 import pytest
 import torch
@@ -18,198 +16,12 @@ from roberta_fast.nn.attention import _FastSelfAttentionMixin, _op  # noqa: E402
 from roberta_fast.nn.encoder import FastRobertaEncoder  # noqa: E402
 from roberta_fast.patch import is_patched, unpatch  # noqa: E402
 from roberta_fast.patch import patch as patch_always  # noqa: E402
-from tests.hf import UNPAD_SUPPORTED, patch  # noqa: E402
+from tests.hf import (FAMILIES, HEADS, OPTION_SETS, UNPAD_SUPPORTED, VOCAB, compare,  # noqa: E402
+                      make_batch, make_model, needs, patch, real_positions, skip_if_stock_fails,
+                      stock_and_patched, batch_for)
 from tests.helpers import rel_err  # noqa: E402
 
-HEADS = ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
-         "ForQuestionAnswering", "ForMultipleChoice"]
-FAMILIES = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "bert": "Bert"}
-VOCAB = 100
-PAD = 1
-
-OPTION_SETS = {
-    "attention": dict(attention=True, layer_norm=False, mlm_loss=False),
-    "layer_norm": dict(attention=False, layer_norm=True, mlm_loss=False),
-    "mlm_loss": dict(attention=False, layer_norm=False, mlm_loss=True),
-    "unpad": dict(attention=True, layer_norm=False, mlm_loss=False, unpad=True),
-    "all": dict(),
-    "all+unpad": dict(unpad=True),
-}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def needs(options: dict, family: str = "roberta", head: str = "ForMaskedLM") -> None:
-    """Skip, saying so, when an option's module (or its twin for ``family``) is not in this tree."""
-    wanted = {"layer_norm": ("layer_norm_residual", "SelfOutput"),
-              "mlm_loss": ("masked_lm_loss", "ForMaskedLM")}
-    for option, (module, suffix) in wanted.items():
-        if not options.get(option, True) or (option == "mlm_loss" and head != "ForMaskedLM"):
-            continue  # mlm_loss only touches *ForMaskedLM models
-        try:
-            mod = importlib.import_module(f"roberta_fast.nn.{module}")
-        except ImportError:
-            pytest.skip(f"NOT RUN: roberta_fast.nn.{module} is not in this tree ({option}=True)")
-        twin = f"Fast{FAMILIES[family]}{suffix}"
-        if not hasattr(mod, twin):
-            pytest.skip(f"NOT RUN: roberta_fast.nn.{module} has no {twin} ({option}=True)")
-
-
-def make_config(family: str, *, dropout: float = 0.0, impl: str = "sdpa", num_labels: int = 3,
-                **over):
-    hidden, heads = random.choice([(32, 2), (48, 4), (64, 4)])
-    cls = getattr(transformers, f"{FAMILIES[family]}Config")
-    kwargs = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
-                  num_attention_heads=heads, intermediate_size=2 * hidden,
-                  max_position_embeddings=64, hidden_dropout_prob=dropout,
-                  attention_probs_dropout_prob=dropout, pad_token_id=PAD, num_labels=num_labels,
-                  attn_implementation=impl)
-    kwargs.update(over)
-    return cls(**kwargs)
-
-
-def make_model(family: str, head: str, **config_kwargs):
-    cls = getattr(transformers, f"{FAMILIES[family]}{head}")
-    if head == "ForQuestionAnswering":
-        config_kwargs.setdefault("num_labels", 2)  # start and end logits
-    return cls(make_config(family, **config_kwargs))
-
-
-def make_batch(head: str, *, batch: int = 3, seqlen: int = 11, pad: bool = True,
-               choices: int = 2) -> dict:
-    """Random ids with right padding (a full row, a length-1 row) and labels for ``head``."""
-    shape = (batch * choices, seqlen) if head == "ForMultipleChoice" else (batch, seqlen)
-    lengths = torch.randint(2, seqlen + 1, (shape[0],))
-    if pad:
-        lengths[0], lengths[-1] = seqlen, 1
-    else:
-        lengths[:] = seqlen
-    mask = (torch.arange(seqlen)[None] < lengths[:, None]).long()
-    ids = torch.randint(3, VOCAB, shape)
-    ids[:, 0] = 0
-    ids[mask == 0] = PAD
-    out = {"input_ids": ids, "attention_mask": mask}
-    if head == "ForMaskedLM":
-        labels = torch.where(torch.rand(shape) < 0.3, ids, torch.full_like(ids, -100))
-        labels[mask == 0] = -100
-        labels[0, 1] = ids[0, 1]  # at least one masked token
-        out["labels"] = labels
-    elif head == "ForSequenceClassification":
-        out["labels"] = torch.randint(0, 3, (batch,))
-    elif head == "ForTokenClassification":
-        labels = torch.randint(0, 3, shape)
-        labels[mask == 0] = -100
-        out["labels"] = labels
-    elif head == "ForQuestionAnswering":
-        out["start_positions"] = (torch.rand(batch) * lengths).long()
-        out["end_positions"] = (torch.rand(batch) * lengths).long()
-    elif head == "ForMultipleChoice":
-        out = {k: v.view(batch, choices, seqlen) for k, v in out.items()}
-        out["labels"] = torch.randint(0, choices, (batch,))
-    return out
-
-
-def real_positions(batch: dict) -> torch.Tensor:
-    return batch["attention_mask"].bool()
-
-
-def objective(model, batch: dict, **kwargs):
-    """Forward; a scalar to differentiate (the loss, or a fixed projection of real outputs)."""
-    out = model(**batch, **kwargs)
-    if getattr(out, "loss", None) is not None:
-        return out, out.loss
-    real = real_positions(batch)[..., None]
-    gen = torch.Generator().manual_seed(0)  # same projection for both models of one case
-    weight = torch.randn(out.last_hidden_state.shape, generator=gen,
-                         dtype=out.last_hidden_state.dtype)
-    value = (out.last_hidden_state * real * weight).sum() + out.pooler_output.sum()
-    return out, value
-
-
-def _check(name: str, got, want, base, tol: float, factor: float = 2.0,
-           abs_floor: float = 0.0) -> None:
-    """``got`` (fast, fp32) against ``want`` (stock, fp64): at most twice the stock fp32 model's
-    own error ``base`` plus ``tol`` (the form of tests.helpers.assert_close: sums over many
-    positions, such as the token-type embedding gradient, cancel and lose relative precision in
-    any fp32 run, and a ratio of two such errors alone is noisy)."""
-    err, base_err = rel_err(got, want), rel_err(base, want)
-    tol = tol + abs_floor / max(float(want.double().norm()), 1e-300)
-    assert err < factor * base_err + tol, (
-        f"{name}: rel err {err:.2e} (stock fp32: {base_err:.2e}, tol {tol:.0e})")
-
-
-def compare(stock, fast, batch: dict, *, tol: float = 1e-5, check_logits: bool = True, **kwargs):
-    """Forward + backward of both models against the stock model run in float64: losses,
-    real-position outputs and every parameter gradient agree."""
-    ref = copy.deepcopy(stock).double()
-    outs, grads = [], []
-    for model in (ref, stock, fast):
-        model.zero_grad(set_to_none=True)
-        out, value = objective(model, batch, **kwargs)
-        assert torch.isfinite(value)
-        value.backward()
-        outs.append((out, value))
-        grads.append({n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                      for n, p in model.named_parameters()})
-    (out_r, val_r), (out_s, val_s), (out_f, val_f) = outs
-    _check("loss/objective", val_f, val_r, val_s, tol)
-    real = real_positions(batch)
-    for key in ("last_hidden_state", "logits", "start_logits", "end_logits"):
-        a, b, r = (getattr(o, key, None) for o in (out_f, out_s, out_r))
-        if a is None or b is None or not check_logits or a.shape != b.shape:
-            continue
-        if a.dim() >= real.dim() and a.shape[:real.dim()] == real.shape:
-            a, b, r = a[real], b[real], r[real]
-        _check(key, a, r, b, tol)
-    g_ref, g_stock, g_fast = grads
-    scale = max(float(g.norm()) for g in g_ref.values())
-    assert scale > 0
-    for name, want in g_ref.items():
-        if float(want.norm()) < 1e-7 * scale:
-            # Vanishes in exact arithmetic (the key bias; the multiple-choice classifier bias):
-            # judged against the largest gradient, next to the stock fp32 model's own noise.
-            # The floor is 1e-4 of the largest gradient: such a gradient is a sum of terms that
-            # cancel (the choice probabilities minus one-hot), so its float32 value is rounding
-            # noise of those terms; stock sometimes lands on exactly 0, the patched model on
-            # 1.1e-5 of the largest gradient in one run. A wrong gradient is of the terms' size.
-            err = float((g_fast[name].double() - want).norm()) / scale
-            base_err = float((g_stock[name].double() - want).norm()) / scale
-            assert err < 2 * base_err + max(tol, 1e-4), (
-                f"grad {name}: {err:.2e} of the largest gradient (stock fp32: {base_err:.2e})")
-        else:
-            # A parameter gradient is a sum over every token; the packed (unpadded) path sums in
-            # another order than stock, and its error measured 2.0-2.3x stock's on cancelling bias
-            # gradients over repeated runs, so gradients get 3x.
-            # An absolute floor of 1e-5 of the largest gradient too: the smallest gradients
-            # (norm ~1e-3 of the largest) are the most cancelling sums, and the ratio of two
-            # such rounding errors reached 3.3x in about one case in 10^4.
-            _check(f"grad {name}", g_fast[name], want, g_stock[name], tol, factor=3.0,
-                   abs_floor=1e-5 * scale)
-    return out_s, out_f
-
-
-def stock_and_patched(family, head, options=None, **config_kwargs):
-    stock = make_model(family, head, **config_kwargs).eval()
-    fast = patch(copy.deepcopy(stock), **(options or {}))
-    return stock, fast
-
-
-def skip_if_stock_fails(stock, batch: dict) -> None:
-    """Some transformers releases ship heads that fail on their own (5.0.0's
-    XLMRobertaForMultipleChoice reads a pooler output it never builds): nothing to compare."""
-    try:
-        with torch.no_grad():
-            stock(**batch)
-    except (IndexError, AttributeError, TypeError) as exc:
-        pytest.skip(f"NOT RUN: the stock {type(stock).__name__} fails in transformers "
-                    f"{transformers.__version__}: {type(exc).__name__}: {exc}")
-
-
-def _batch_for(head):
-    # QA losses run a softmax over every position, padding included, and padded positions are
-    # where the patched model's values differ; its loss is compared on unpadded batches.
-    return make_batch(head, pad=head != "ForQuestionAnswering")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -220,7 +32,7 @@ def test_heads_match_stock(family, head, option_set):
     options = OPTION_SETS[option_set]
     needs(options, family, head)
     stock, fast = stock_and_patched(family, head, options)
-    batch = _batch_for(head)
+    batch = batch_for(head)
     skip_if_stock_fails(stock, batch)
     mlm_fast_loss = head == "ForMaskedLM" and options.get("mlm_loss", True)
     compare(stock, fast, batch, check_logits=not mlm_fast_loss)
@@ -300,6 +112,16 @@ def test_fast_path_runs_unpadded(op_calls):
     assert op_calls == {"attention": 0, "attention_varlen": 2}
 
 
+def test_unpad_without_padding_runs_padded(op_calls):
+    """A mask that pads nothing: the unpadded encoder does not pack (the fused padded attention
+    runs), and the result is stock's."""
+    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
+                                    dict(layer_norm=False, mlm_loss=False, unpad=True))
+    batch = make_batch("ForSequenceClassification", pad=False)
+    compare(stock, fast, batch)
+    assert op_calls["attention_varlen"] == 0 and op_calls["attention"] > 0
+
+
 @pytest.mark.parametrize("unpad", [False, True])
 def test_unpatch_restores_classes_and_outputs(unpad):
     options = dict(unpad=unpad)
@@ -353,8 +175,9 @@ def test_save_pretrained_loads_in_stock_transformers(tmp_path, family, head):
     stock_name = f"{FAMILIES[family]}{head}"
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["architectures"] == [stock_name]
-    assert is_patched(model) and type(model).__module__.startswith("roberta_fast") == (
-        head == "ForMaskedLM")
+    # Both the masked-LM model and the base model are swapped to fast twins; saving writes the
+    # stock architecture name all the same.
+    assert is_patched(model) and type(model).__module__.startswith("roberta_fast")
     loaded = getattr(transformers, stock_name).from_pretrained(tmp_path).eval()
     assert not any(type(m).__module__.startswith("roberta_fast") for m in loaded.modules())
     mine = model.state_dict()
@@ -447,13 +270,17 @@ def test_second_patch_is_noop_and_new_options_reapply():
     assert patch(model, **options) is model
     assert model._roberta_fast_patch is record
     assert [type(m) for m in model.modules()] == classes
-    patch(model, unpad=True, **options)  # other options: unpatched and patched again
     assert isinstance(model.roberta.encoder, FastRobertaEncoder)
+    assert not model.roberta.encoder._roberta_fast_unpad
+    patch(model, unpad=True, **options)  # other options: unpatched and patched again
+    assert model.roberta.encoder._roberta_fast_unpad
     assert model._roberta_fast_patch["options"]["unpad"] is True
     compare(stock, model, make_batch("ForTokenClassification"))
     patch(model, **options)
-    assert not isinstance(model.roberta.encoder, FastRobertaEncoder)
+    assert not model.roberta.encoder._roberta_fast_unpad
     assert isinstance(model.roberta.encoder.layer[0].attention.self, _FastSelfAttentionMixin)
+    unpatch(model)
+    assert "_roberta_fast_unpad" not in vars(model.roberta.encoder)
 
 
 @pytest.mark.parametrize("unpad", [False, True])
@@ -526,48 +353,6 @@ def test_backend_pin(monkeypatch):
     assert rf_backends.current() == outside  # the pin ends with the forward
     unpatch(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
-
-
-@pytest.mark.parametrize("unpad", [False, True])
-def test_autocast_bf16(unpad):
-    stock, fast = stock_and_patched("roberta", "ForSequenceClassification",
-                                    dict(layer_norm=False, mlm_loss=False, unpad=unpad))
-    batch = make_batch("ForSequenceClassification")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_f = fast(**batch).loss
-        loss_s = stock(**batch).loss
-    assert torch.isfinite(loss_f)
-    assert rel_err(loss_f, loss_s) < 5e-2
-    loss_f.backward()
-    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("unpad", [False, True])
-def test_autocast_on_gpu_with_grad_scaler(dtype, unpad):
-    """bf16, and fp16 with a GradScaler, on the GPU: a few AdamW steps of a patched MLM model stay
-    finite and its first loss is the stock model's within half-precision error."""
-    dtype = getattr(torch, dtype)
-    stock = make_model("roberta", "ForMaskedLM").cuda().train()
-    fast = patch(copy.deepcopy(stock), unpad=unpad)
-    batches = [{k: v.cuda() for k, v in make_batch("ForMaskedLM", batch=4, seqlen=33).items()}
-               for _ in range(4)]
-    losses = {}
-    for name, model in (("stock", stock), ("fast", fast)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        losses[name] = []
-        for batch in batches:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype):
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses[name].append(float(loss))
-    assert all(torch.isfinite(torch.tensor(losses["fast"])))
-    assert abs(losses["fast"][0] - losses["stock"][0]) < 5e-2 * abs(losses["stock"][0])
 
 
 @pytest.mark.slow

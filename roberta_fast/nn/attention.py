@@ -7,10 +7,18 @@ state_dict is unchanged, and it stays an instance of the stock class, so Hugging
 hooks and ``isinstance`` checks keep working.
 
 The fast forward projects q, k, v to ``[B, L, heads, D]`` and runs ``ops.attention`` with a
-``[B, L]`` key-padding mask derived from whatever mask the encoder passes (the 4-D additive float
-mask of ``eager``, the 4-D bool mask of ``sdpa``, the 2-D mask of ``flash_attention_*``, or None).
+``[B, L]`` key-padding mask. That mask is taken from the form of what arrives, never from its
+values: None (nothing padded) or a 2-D ``[B, L]`` bool / integer mask. The patched base model
+(``roberta_fast.nn.encoder``) hands its layers exactly that, the caller's 2-D ``attention_mask``
+as a bool tensor, instead of the 4-D mask the stock model builds; ``flash_attention_*`` passes a
+2-D mask too. So the forward never waits for the device, and ``torch.compile`` (fullgraph) and
+``torch.export`` trace it without a data-dependent branch.
 Three Linear calls are used rather than one fused QKV matmul: concatenating the weights on every
 call measured no faster on CPU and costs a weight-sized copy in forward and backward.
+
+Mixed precision: under ``torch.autocast`` the three Linear layers produce q, k, v in the autocast
+dtype, as in the stock module, and the fused op runs in that dtype with its softmax statistics in
+fp32 (what SDPA does under autocast); the output keeps that dtype.
 
 Packed input: when the caller passes Hugging Face's ``cu_seq_lens_q`` (and optionally
 ``max_length_q``) keyword arguments with hidden states of shape ``[1, T, H]``, each sequence
@@ -19,12 +27,17 @@ attends only to itself through ``ops.attention_varlen``. The unpadded encoder mo
 
 The stock forward runs instead (documented fallbacks, same results as before the swap) when:
 
-- attention probabilities are requested (``output_attentions``): the fused kernels never
-  materialize them;
-- the mask is not a pure key-padding mask (causal, arbitrary 4-D, a flex ``BlockMask``, an
-  additive bias other than 0 / large negative);
-- the module is causal (decoder configs), or a key/value cache, cross-attention states or a head
-  mask is passed.
+- attention probabilities are requested (``output_attentions``, or ``config.output_attentions``
+  through Hugging Face's output collector): the fused kernels never materialize them;
+- a key/value cache, cross-attention states or a head mask is passed;
+- the position embeddings are not ``absolute`` (transformers 4.x's relative ones);
+- the module is causal (decoder configs);
+- the mask is not a key-padding mask by construction: a 4-D mask (causal, arbitrary, or a
+  padding mask some caller expanded to 4-D), a flex-attention ``BlockMask``, a float 2-D mask.
+  No mask is inspected on the device to find out whether it happens to be a padding mask.
+
+When the stock forward runs on a 2-D key-padding mask, it gets the additive ``[B, 1, 1, L]`` bias
+its eager / sdpa implementations expect (:func:`stock_attention_mask`).
 
 Outputs at padded query positions are zeros here, where the stock module computes values that no
 real token ever reads; everything at real positions, losses and gradients match.
@@ -32,8 +45,8 @@ real token ever reads; everything at real positions, losses and gradients match.
 from __future__ import annotations
 
 import contextlib
-import weakref
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -49,16 +62,14 @@ __all__ = [
     "FastBertSelfAttention",
     "FastXLMRobertaSelfAttention",
     "key_padding_mask_from_attention_mask",
+    "stock_attention_mask",
     "attentions_requested",
     "needs_stock_forward",
     "backend_scope",
     "ClassSwapMixin",
+    "SavesAsStockMixin",
+    "forward_in_stock_signature",
 ]
-
-# Additive masks block a key with a large negative value (HF uses finfo(dtype).min, older code
-# -10000); anything at or below this counts as "blocked", zero as "attend", the rest is a bias.
-_BLOCKED = -1.0e4
-
 
 def _op(name: str):
     """``roberta_fast.ops.<name>`` as a callable, looked up at call time."""
@@ -84,11 +95,16 @@ def backend_scope(module: nn.Module):
     return _backends.use_backend(name)
 
 
+try:  # looked up once: a failing import inside a compiled forward would break its graph
+    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+except ImportError:  # older or newer transformers without this mechanism
+    _COLLECTOR = None
+
+
 def _active_collector() -> dict | None:
     """The dict Hugging Face's ``capture_outputs`` is filling during this forward, if any."""
-    try:
-        from transformers.utils.output_capturing import _active_collector as collector
-    except ImportError:  # older or newer transformers without this mechanism
+    collector = _COLLECTOR
+    if collector is None:
         return None
     if torch.compiler.is_compiling():
         # Under torch.compile transformers keeps the collector in a plain attribute (ContextVar
@@ -111,70 +127,49 @@ def attentions_requested(kwargs: dict[str, Any]) -> bool:
     return collected is not None and "attentions" in collected
 
 
-# One-entry memo: every layer of an encoder gets the same mask tensor, so the value check (one
-# device sync) runs once per model forward instead of once per layer.
-_last_mask_check: tuple | None = None
-
-
-def _check_4d(mask: torch.Tensor, batch: int, seqlen: int):
-    """(usable, key-padding mask or None) for a 4-D mask; syncs with the device once."""
-    if mask.dtype == torch.bool:
-        keep = mask
-        values_ok = torch.ones((), dtype=torch.bool, device=mask.device)
-    elif mask.is_floating_point():
-        keep = mask == 0
-        values_ok = (keep | (mask <= _BLOCKED)).all()
-    else:
-        return False, None
-    row = keep[:, :1, :1, :]  # [B', 1, 1, L]
-    same = (keep == row).all()  # every head and query row sees the same keys
-    has_pad = ~row.all()
-    flags = torch.stack([values_ok, same, has_pad]).tolist()
-    if not (flags[0] and flags[1]):
-        return False, None
-    if not flags[2]:
-        return True, None
-    return True, row[:, 0, 0, :].expand(batch, seqlen)
-
-
 def key_padding_mask_from_attention_mask(attention_mask: Any, batch: int, seqlen: int
                                          ) -> tuple[bool, torch.Tensor | None]:
-    """Read a ``[B, L]`` key-padding mask (True = real token) out of what an HF encoder passes.
+    """The ``[B, L]`` key-padding mask (True = real token) a mask stands for, read from its form.
 
-    Returns ``(usable, mask)``: ``usable`` is False when the mask is not a pure key-padding mask
-    (every query row of every head must see the same keys, blocked by ``False`` or a large negative
-    additive value); ``mask`` is None when nothing is padded.
+    Returns ``(usable, mask)``. Only masks that are key-padding masks by construction are usable:
+    None (nothing padded: ``mask`` is None) and a 2-D ``[B, L]`` bool or integer mask (nonzero =
+    real token), which is what the patched base model hands its layers. Anything else (a 4-D
+    mask, a float mask, a flex-attention ``BlockMask``, another shape) is not: its values are
+    never read, so nothing here waits for the device or depends on data.
     """
-    global _last_mask_check
     if attention_mask is None:
         return True, None
-    if not isinstance(attention_mask, torch.Tensor):  # e.g. a flex-attention BlockMask
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return False, None
-    if attention_mask.dim() == 2:
-        if tuple(attention_mask.shape) != (batch, seqlen):
-            return False, None
-        if attention_mask.dtype == torch.bool:
-            return True, attention_mask
-        if attention_mask.is_floating_point() or attention_mask.is_complex():
-            return False, None
-        return True, attention_mask != 0
-    if attention_mask.dim() != 4:
+    if tuple(attention_mask.shape) != (batch, seqlen):
         return False, None
-    b, _, q, k = attention_mask.shape
-    if b not in (1, batch) or q not in (1, seqlen) or k != seqlen:
+    if attention_mask.dtype == torch.bool:
+        return True, attention_mask
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
         return False, None
+    return True, attention_mask != 0
 
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        memo = _last_mask_check
-        if (memo is not None and memo[0]() is attention_mask
-                and memo[1] == (attention_mask._version, batch, seqlen)):
-            return memo[2]
-    result = _check_4d(attention_mask, batch, seqlen)
-    if not compiling:
-        _last_mask_check = (weakref.ref(attention_mask), (attention_mask._version, batch, seqlen),
-                            result)
-    return result
+
+def stock_attention_mask(module: nn.Module, attention_mask: Any, hidden_states: torch.Tensor
+                         ) -> Any:
+    """The mask to hand the stock forward of ``module`` when it runs instead of the fast path.
+
+    A 2-D key-padding mask (what the patched base model passes) becomes the additive
+    ``[B, 1, 1, L]`` bias the eager and sdpa attention of every supported transformers release
+    takes (0 for real keys, the dtype's minimum for padding), built on the device without reading
+    it. The flash-attention implementations take the 2-D mask as it is; any other mask passes
+    through unchanged.
+    """
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        return attention_mask
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "eager"
+    if impl.startswith("flash"):
+        return attention_mask
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    dtype = hidden_states.dtype if hidden_states.is_floating_point() else torch.float32
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    bias = bias.masked_fill(~keep, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
 
 
 class ClassSwapMixin:
@@ -212,6 +207,45 @@ class ClassSwapMixin:
         return module
 
 
+def forward_in_stock_signature(cls: type, impl: Callable) -> tuple[str, ...]:
+    """Give ``cls`` a ``forward`` that calls ``impl(self, *args, **kwargs)`` and shows the
+    signature of ``cls._stock_class.forward``; return the names that signature takes positionally.
+
+    The stock signature differs between transformers releases (4.x has ``head_mask`` fifth), so
+    it is read, not written out; what inspects it sees the stock one: the ``Trainer`` (which keeps
+    only the dataset columns ``forward`` names) and ``torch.export`` (which binds inputs by it).
+    """
+    signature = inspect.signature(cls._stock_class.forward)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = impl.__doc__
+    cls.forward = forward
+    return tuple(p.name for p in list(signature.parameters.values())[1:] if p.kind in kinds)
+
+
+class SavesAsStockMixin:
+    """``save_pretrained`` of a swapped Hugging Face model, run as its stock class.
+
+    ``config.json`` names the architecture after the model's class, and it must be the stock one
+    for stock transformers (and pipelines, and the hub) to read the model back.
+    """
+
+    _stock_class: type
+
+    def save_pretrained(self, *args, **kwargs):
+        fast = type(self)
+        stock = fast._stock_class
+        self.__class__ = stock
+        try:
+            return stock.save_pretrained(self, *args, **kwargs)
+        finally:
+            self.__class__ = fast
+
+
 # What a caller may pass that the fused path cannot honour; any of them set (not None) sends the
 # call to the stock forward. The key/value cache is ``past_key_values`` up to transformers 5.23
 # and ``cache`` from 5.24 (``past_key_value`` in 4.x).
@@ -239,10 +273,12 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         stock = super().forward  # the replaced class's forward, next in the MRO
-        if (getattr(self, "is_causal", False) or getattr(self, "is_decoder", False)
-                or getattr(self, "position_embedding_type", "absolute") != "absolute"
-                or needs_stock_forward(args, kwargs)):
+        if getattr(self, "is_causal", False) or getattr(self, "is_decoder", False):
             return stock(hidden_states, attention_mask, *args, **kwargs)
+        if (getattr(self, "position_embedding_type", "absolute") != "absolute"
+                or needs_stock_forward(args, kwargs)):
+            return stock(hidden_states, stock_attention_mask(self, attention_mask, hidden_states),
+                         *args, **kwargs)
 
         dropout_p = self.dropout.p if self.training else 0.0
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)

@@ -6,6 +6,11 @@
   ``FastBertOutput``): Hugging Face's block outputs ``LayerNorm(dropout(dense(h)) + input)`` with
   the stock sub-modules and parameters, whose forward runs the fused op. ``convert(module)`` turns
   an existing stock instance into the fast class in place.
+
+Mixed precision: x and the residual are added in their common dtype, as the stock
+``LayerNorm(x + residual)`` does (under autocast the dense output is half precision and the
+residual stream fp32, so the fused op runs in fp32), and the op follows ``F.layer_norm``'s
+autocast policy (see :mod:`roberta_fast.ops.layer_norm_residual`).
 """
 from __future__ import annotations
 

@@ -15,14 +15,17 @@ The logits a labelled forward returns depend on ``logits_mode``:
   computed as stock does and differentiable; the loss is the same. Costs as much as stock.
 - ``"none"``: no logits (``None``): the fastest and leanest.
 
+Mixed precision: under ``torch.autocast`` the head's transform runs as in stock (its Linear in the
+autocast dtype) and the fused loss does what stock's decoder Linear and ``CrossEntropyLoss`` do:
+logits in the autocast dtype, cross-entropy and loss in fp32, parameter gradients in the
+parameters' dtype (see :mod:`roberta_fast.ops.masked_lm_loss`).
+
 ``FastRobertaForMaskedLM.convert(model)`` (likewise ``FastXLMRobertaForMaskedLM`` /
 ``FastBertForMaskedLM``) switches an existing model in place: parameters keep their identity,
 ``state_dict()`` is unchanged and weight tying (decoder weight = word embeddings, decoder bias =
 head bias) stays intact.
 """
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import (
 )
 
 from ..ops.masked_lm_loss import _masked_lm_loss, gather_labelled
+from .attention import SavesAsStockMixin, forward_in_stock_signature
 
 __all__ = ["MaskedLMHead", "XLMRobertaMaskedLMHead", "MaskedLMPredictionHead",
            "FastRobertaForMaskedLM", "FastXLMRobertaForMaskedLM", "FastBertForMaskedLM",
@@ -129,7 +133,7 @@ class MaskedLMPredictionHead(_FusedLossHeadMixin, BertLMPredictionHead):
         return self.transform(x)
 
 
-class _FastMaskedLMMixin:
+class _FastMaskedLMMixin(SavesAsStockMixin):
     """``convert`` and the labelled forward shared by the ``*ForMaskedLM`` twins.
 
     Each twin names its stock class, the attribute of its encoder, the path of its LM head (and
@@ -147,22 +151,9 @@ class _FastMaskedLMMixin:
 
     def __init_subclass__(cls, **kwargs):
         """Give the twin ``_fused_forward`` dressed in the stock ``forward``'s signature, and the
-        names that signature takes positionally. The signature differs between transformers
-        releases (4.x has ``head_mask`` fifth), so it is read, not written out; callers that
-        inspect it (the ``Trainer`` keeps only the dataset columns ``forward`` names) see the
-        stock one."""
+        names that signature takes positionally."""
         super().__init_subclass__(**kwargs)
-        signature = inspect.signature(cls._stock_class.forward)
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        cls._forward_names = tuple(p.name for p in list(signature.parameters.values())[1:]
-                                   if p.kind in kinds)
-
-        def forward(self, *args, **kwargs):
-            return self._fused_forward(*args, **kwargs)
-
-        forward.__signature__ = signature
-        forward.__doc__ = _FastMaskedLMMixin._fused_forward.__doc__
-        cls.forward = forward
+        cls._forward_names = forward_in_stock_signature(cls, _FastMaskedLMMixin._fused_forward)
 
     @classmethod
     def convert(cls, model: nn.Module, logits: str = "masked") -> nn.Module:
@@ -186,18 +177,6 @@ class _FastMaskedLMMixin:
         head.__class__ = cls._fast_head_class
         head.logits_mode = logits
         return model
-
-    def save_pretrained(self, *args, **kwargs):
-        """The stock ``save_pretrained``, run as the stock class: ``config.json`` names the
-        architecture the class's name, and it must be the stock one for stock transformers (and
-        pipelines, and the hub) to read the model back."""
-        fast = type(self)
-        stock = fast._stock_class
-        self.__class__ = stock
-        try:
-            return stock.save_pretrained(self, *args, **kwargs)
-        finally:
-            self.__class__ = fast
 
     def _fused_forward(self, *args, **kwargs):
         """The stock signature; with ``labels`` the LM head runs on the labelled positions only.

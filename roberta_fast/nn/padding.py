@@ -45,7 +45,9 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
         ``packed`` (``cu_seqlens[b + 1] - cu_seqlens[b]`` is row ``b``'s length), and
         ``max_seqlen`` the longest row's length as a Python int.
 
-    The call syncs with the device once (``T`` and ``max_seqlen`` size the outputs).
+    The call syncs with the device once: ``T`` sizes the packed tensors and ``max_seqlen`` the
+    attention's launch grid, so both are read together, and the token positions are then found
+    without a second wait (``nonzero_static`` with the known count).
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -57,8 +59,11 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor
     if mask.device != hidden.device:
         raise ValueError(f"attention_mask is on {mask.device} but hidden is on {hidden.device}")
     seqlens = mask.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
-    max_seqlen = int(seqlens.max()) if batch > 0 else 0
+    if batch > 0 and seqlen > 0:
+        total, max_seqlen = torch.stack([seqlens.sum(), seqlens.max()]).tolist()
+    else:
+        total = max_seqlen = 0
+    indices = torch.nonzero_static(mask.reshape(-1), size=total).reshape(-1)
     cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
     packed = hidden.reshape(batch * seqlen, *hidden.shape[2:]).index_select(0, indices)
     return packed, indices, cu_seqlens, max_seqlen

@@ -8,6 +8,10 @@ picks a backend (``roberta_fast.backends.resolve``), flattens to ``[rows, H]`` a
 - ``triton``: ``torch.ops.roberta_fast.layer_norm_residual_triton_fwd``,
 - ``reference``: ``reference.layer_norm_residual.forward_native`` with a torch-drawn mask.
 
+Mixed precision: under ``torch.autocast`` the op does what ``F.layer_norm`` does there (fp32 on
+CUDA, the inputs' dtype on CPU); the modules (``roberta_fast.nn.layer_norm_residual``) add x and
+the residual in their common dtype, as the stock ``LayerNorm(x + residual)`` does.
+
 Every kernel backend takes a dropout seed tensor (drawn only when dropout is active, never read on
 the host) and regenerates the same mask in the backward, which recomputes ``s`` instead of storing
 it; only fp32 mean/rstd are saved besides the inputs. Autograd and fake (meta) implementations are
@@ -149,7 +153,17 @@ def fused_residual_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: t
 
     Returns ``y`` of x's shape and dtype. Differentiable in x, residual, weight and bias; the
     backward regenerates the forward's dropout mask from its seed. Statistics are fp32.
+
+    Under ``torch.autocast`` the op follows ``F.layer_norm``: on CUDA every input is cast to fp32
+    and ``y`` is fp32; on CPU nothing is cast (``y`` in x's dtype, with fp32 statistics).
     """
+    if (isinstance(x, torch.Tensor) and x.device.type == "cuda"
+            and torch.is_autocast_enabled("cuda")):
+        # F.layer_norm's autocast policy on CUDA: computed and returned in fp32 (on CPU autocast
+        # leaves it alone, and so does this op).
+        x, residual, weight, bias = (t.float() if isinstance(t, torch.Tensor)
+                                     and t.is_floating_point() else t
+                                     for t in (x, residual, weight, bias))
     p = _validate(x, residual, weight, bias, eps, dropout_p)
     p = p if training else 0.0
     hidden = x.shape[-1]

@@ -16,6 +16,11 @@ buffers, whatever the batch. When no input needs a gradient (evaluation) the gra
 skipped. The number of labelled rows stays a device tensor: no host sync, so the op can be
 captured in a CUDA graph and traced by ``torch.compile`` (it is one opaque custom op there).
 
+Mixed precision: under ``torch.autocast`` the logits GEMM runs in the autocast dtype and the
+cross-entropy in fp32 with an fp32 loss, what the stock decoder Linear and ``CrossEntropyLoss``
+compute there (the inputs are cast in :func:`masked_lm_loss`, which follows whichever autocast
+dtype is active; a ``torch.library`` autocast registration would fix one dtype per device).
+
 Rows labelled ``ignore_index`` cost a GEMM row but contribute nothing: callers that can afford a
 host sync should drop them first with :func:`gather_labelled` (the nn modules do).
 
@@ -171,9 +176,9 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, label
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop on 2-D ``hidden [n, H]`` and 1-D ``labels [n]``.
 
-    Returns ``(loss, dhidden, dweight, dbias, logits)``: the gradients of the mean loss (empty
-    where not requested) and, with ``return_logits``, a copy of the ``[n, V]`` logits taken before
-    the kernel overwrites them (else empty).
+    Returns ``(loss, dhidden, dweight, dbias, logits)``: the fp32 loss, the gradients of the mean
+    loss (empty where not requested) and, with ``return_logits``, a copy of the ``[n, V]`` logits
+    taken before the kernel overwrites them (else empty).
     """
     rows, _ = hidden.shape
     vocab = weight.shape[0]
@@ -226,7 +231,7 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, label
     else:
         dweight = _empty(weight)
     dbias = dbias.to(bias.dtype) if grad_bias else _empty(bias)
-    return (loss * scale[0]).to(hidden.dtype), dhidden, dweight, dbias, logits_out
+    return loss * scale[0], dhidden, dweight, dbias, logits_out
 
 
 @_fused.register_fake
@@ -234,7 +239,7 @@ def _(hidden, weight, bias, labels, ignore_index, backend, chunk_rows, grad_hidd
       grad_bias, return_logits):
     rows = hidden.shape[0]
     vocab = weight.shape[0]
-    return (hidden.new_empty(()),
+    return (hidden.new_empty((), dtype=torch.float32),
             torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden
             else hidden.new_empty(0),
             torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight
@@ -298,10 +303,24 @@ def _register_native_fake() -> None:
 _register_native_fake()
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on ``device_type`` now, or None when off."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                     labels: torch.Tensor, ignore_index: int, chunk_bytes: int | None,
                     return_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(loss, logits [n, V] or None)`` on flattened rows; shared by the op and the modules."""
+    autocast = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
+    if autocast is not None:
+        # What stock's decoder Linear + CrossEntropyLoss do under autocast: the logits GEMM in the
+        # autocast dtype (the casts are differentiable, so parameter gradients come back in the
+        # parameters' dtype), the cross-entropy in fp32 (the row kernels' statistics are fp32).
+        hidden, weight, bias = (t.to(autocast) if isinstance(t, torch.Tensor)
+                                and t.is_floating_point() else t for t in (hidden, weight, bias))
     _check_inputs(hidden, weight, bias, labels, ignore_index)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
@@ -325,6 +344,8 @@ def _masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         hidden2d, weight, bias, labels1d, ignore_index, backend, chunk_rows,
         need and hidden.requires_grad, need and weight.requires_grad,
         need and bias.requires_grad, return_logits)
+    if autocast is None:  # as F.cross_entropy: the loss in the logits' dtype, fp32 under autocast
+        loss = loss.to(hidden.dtype)
     return loss, (logits if return_logits else None)
 
 
@@ -346,6 +367,11 @@ def masked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     Returns:
         A scalar in hidden's dtype, differentiable w.r.t. hidden, weight and bias. When no position
         is labelled the loss is 0 with zero gradients (``F.cross_entropy`` returns NaN there).
+
+    Under ``torch.autocast`` (any device type, bf16 or fp16) the op does what the stock decoder
+    Linear and ``CrossEntropyLoss`` do there: hidden, weight and bias are cast to the autocast
+    dtype for the logits GEMM, the cross-entropy is computed in fp32 and the loss is returned in
+    fp32; gradients reach the parameters in their own dtype through the casts.
 
     Raises:
         TypeError / ValueError on bad dtypes, shapes, devices or labels (see the module docstring
