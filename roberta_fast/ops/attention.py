@@ -157,9 +157,15 @@ class _NativeForwardTritonBackward(torch.autograd.Function):
 _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@torch.compiler.assume_constant_result
+def _cpu_kernels_built() -> bool:
+    # Loading _C is not traceable: under torch.compile the answer is a constant of the graph.
+    return backends.has_native_op("attention_fwd", "cpu")
+
+
 def _cpu_kernel_usable(q: Tensor) -> bool:
     """Whether the C++ CPU kernels take this call (float64 and builds without _C use SDPA)."""
-    return q.dtype in _CPU_KERNEL_DTYPES and backends.has_native_op("attention_fwd", "cpu")
+    return q.dtype in _CPU_KERNEL_DTYPES and _cpu_kernels_built()
 
 
 def _run_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
