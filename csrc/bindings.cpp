@@ -429,20 +429,21 @@ TORCH_LIBRARY_IMPL(roberta_fast, CUDA, m) {
 // ===== attention =====
 // attention_fwd -> (out, lse) and attention_bwd -> (dq, dk, dv) on the padded [B, L, heads, D]
 // (optional key_padding_mask [B, L], max_seqlen = L) or the varlen [T, heads, D] layout
-// (cu_seqlens). CPU: the blocked kernels of csrc/cpu/attention.cpp, forward and backward, fp32 /
-// bf16 / fp16, any head dim, dropout in-kernel from `seed` (int64 [1]). CUDA: the forward only,
-// for inference (fp16/bf16, no dropout); its gradients come from the Triton backward, which reads
-// the same out and lse.
+// (cu_seqlens); max_seqlen is a SymInt so that torch.export keeps L a dynamic dimension.
+// CPU: the blocked kernels of csrc/cpu/attention.cpp, forward and backward, fp32 / bf16 / fp16,
+// any head dim, dropout in-kernel from `seed` (int64 [1]). CUDA: the forward only, for inference
+// (fp16/bf16, no dropout); its gradients come from the Triton backward, which reads the same out
+// and lse.
 #include "cpu/attention.h"
 
 TORCH_LIBRARY_FRAGMENT(roberta_fast, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, "
-      "int max_seqlen, float scale, float dropout_p=0.0, Tensor? seed=None) "
+      "SymInt max_seqlen, float scale, float dropout_p=0.0, Tensor? seed=None) "
       "-> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, float scale, "
+      "Tensor? key_padding_mask, Tensor? cu_seqlens, SymInt max_seqlen, float scale, "
       "float dropout_p, Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
