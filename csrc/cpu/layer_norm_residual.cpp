@@ -137,26 +137,30 @@ inline uint64_t keep_bits64(const Dropout& d, uint64_t counter) {
 #endif
 }
 
-// The keep bits of the n elements at offsets o .. o + n - 1, for lane_bits: words of 64 elements
-// from the Philox counter of o on, so element o + j is bit `first + j` with first = o & 3. One
-// zero word of padding follows (lane_bits reads 8 bytes at any bit position).
-inline int64_t fill_keep_bits(const Dropout& d, uint64_t o, int64_t n, uint64_t* bits) {
-  const int64_t first = static_cast<int64_t>(o & 3);
+// The keep bits of the n elements at offsets o .. o + n - 1: element o + j is bit j % 64 of
+// bits[j / 64]. Words of 64 elements are drawn from the Philox counter of o on and shifted down
+// by o & 3 when the row starts inside a counter. One zero word of padding follows.
+inline void fill_keep_bits(const Dropout& d, uint64_t o, int64_t n, uint64_t* bits) {
+  const int first = static_cast<int>(o & 3);
   const int64_t words = (first + n + 63) / 64;
   const uint64_t counter = o >> 2;
   for (int64_t k = 0; k < words; ++k)
     bits[k] = keep_bits64(d, counter + static_cast<uint64_t>(k * kCountersPerWord));
   bits[words] = 0;
-  return first;
+  if (first != 0) {
+    for (int64_t k = 0; k < words; ++k) bits[k] = (bits[k] >> first) | (bits[k + 1] << (64 - first));
+  }
 }
 
 inline int64_t keep_bits_words(int64_t n) { return (n + 3 + 63) / 64 + 1; }
 
-// The kLanes keep bits from bit `pos` on.
-inline uint32_t lane_bits(const uint64_t* bits, int64_t pos) {
-  uint64_t w;
-  std::memcpy(&w, reinterpret_cast<const unsigned char*>(bits) + (pos >> 3), sizeof(w));
-  return static_cast<uint32_t>(w >> (pos & 7)) & simd::first_lanes(kLanes);
+// The kLanes keep bits of elements j .. j + kLanes - 1 (j a multiple of kLanes, itself a
+// multiple of 8: whole bytes).
+inline uint32_t lane_bits(const uint64_t* bits, int64_t j) {
+  static_assert(kLanes % 8 == 0 && kLanes <= 32, "lane masks are whole bytes of a 32-bit word");
+  uint32_t m = 0;
+  std::memcpy(&m, reinterpret_cast<const unsigned char*>(bits) + j / 8, kLanes / 8);
+  return m;
 }
 
 // weight/bias as fp32 arrays (converted once per call when W is a half type).
@@ -186,8 +190,7 @@ struct RowScratch {
 
 // The dropout of one row, by value (the row functions keep everything in registers).
 struct RowMask {
-  const uint64_t* bits;  // from fill_keep_bits
-  int64_t first;         // the row's first bit in `bits`
+  const uint64_t* bits;  // the row's keep bits, from fill_keep_bits
   bool active;
   float scale;
 };
@@ -195,13 +198,13 @@ struct RowMask {
 template <typename T>
 inline Vec dropout_load(const T* x, int64_t j, const RowMask& m, Vec scale) {
   const Vec v = simd::load(x + j);
-  return m.active ? simd::select_mul(lane_bits(m.bits, m.first + j), v, scale) : v;
+  return m.active ? simd::select_mul(lane_bits(m.bits, j), v, scale) : v;
 }
 
 template <typename T>
 inline Vec dropout_load(const T* x, int64_t j, int64_t n, const RowMask& m, Vec scale) {
   const Vec v = simd::load(x + j, n);
-  return m.active ? simd::select_mul(lane_bits(m.bits, m.first + j), v, scale) : v;
+  return m.active ? simd::select_mul(lane_bits(m.bits, j), v, scale) : v;
 }
 
 // Forward of one row: s = dropout(x) + r into the L1 scratch `s`, its mean, the two-pass
@@ -317,14 +320,14 @@ inline void backward_row(const T* __restrict dy, const T* __restrict x, const T*
   for (; j + kLanes <= hidden; j += kLanes) {
     const Vec ds = ds_at(j);
     simd::store(dres + j, ds);
-    if (m.active) simd::store(dx + j, simd::select_mul(lane_bits(m.bits, m.first + j), ds, scale));
+    if (m.active) simd::store(dx + j, simd::select_mul(lane_bits(m.bits, j), ds, scale));
   }
   if (j < hidden) {
     const int64_t n = hidden - j;
     const Vec ds = ds_at(j);
     simd::store(dres + j, ds, n);
     if (m.active)
-      simd::store(dx + j, simd::select_mul(lane_bits(m.bits, m.first + j), ds, scale), n);
+      simd::store(dx + j, simd::select_mul(lane_bits(m.bits, j), ds, scale), n);
   }
 }
 
@@ -346,15 +349,14 @@ int32_t dropout_last_dropped(float p) {
   return static_cast<int32_t>(lo);
 }
 
+const char* layer_norm_residual_vector_level() { return simd::level(); }
+
 void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* out) {
   if (n <= 0) return;
   const Dropout d(p, seed);
   std::vector<uint64_t> bits(keep_bits_words(n));
-  const int64_t first = fill_keep_bits(d, offset, n, bits.data());
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first + j;
-    out[j] = (bits[pos >> 6] >> (pos & 63)) & 1u ? d.scale : 0.0f;
-  }
+  fill_keep_bits(d, offset, n, bits.data());
+  for (int64_t j = 0; j < n; ++j) out[j] = (bits[j >> 6] >> (j & 63)) & 1u ? d.scale : 0.0f;
 }
 
 template <typename T, typename W>
@@ -370,11 +372,10 @@ void layer_norm_residual_fwd(const T* x, const T* residual, const W* weight, con
   const int64_t grain = std::max<int64_t>(1, 8192 / hidden);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     RowScratch scratch(hidden);
-    RowMask mask{scratch.bits.data(), 0, d.active, d.scale};
+    const RowMask mask{scratch.bits.data(), d.active, d.scale};
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * hidden;
-      if (mask.active) mask.first = fill_keep_bits(d, static_cast<uint64_t>(base), hidden,
-                                                   scratch.bits.data());
+      if (mask.active) fill_keep_bits(d, static_cast<uint64_t>(base), hidden, scratch.bits.data());
       const auto stats = forward_row(x + base, residual + base, w, b, y + base,
                                      scratch.a.data(), mask, hidden, eps);
       mean[row] = stats.first;
@@ -401,13 +402,13 @@ void layer_norm_residual_bwd(const T* dy, const T* x, const T* residual, const W
   if (rows > 0) {
     at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
       RowScratch scratch(hidden);
-      RowMask mask{scratch.bits.data(), 0, d.active, d.scale};
+      const RowMask mask{scratch.bits.data(), d.active, d.scale};
       for (int64_t c = cbegin; c < cend; ++c) {
         float* dw = partial.data() + c * 2 * padded;
         for (int64_t row = rows * c / chunks; row < rows * (c + 1) / chunks; ++row) {
           const int64_t base = row * hidden;
-          if (mask.active) mask.first = fill_keep_bits(d, static_cast<uint64_t>(base), hidden,
-                                                       scratch.bits.data());
+          if (mask.active)
+            fill_keep_bits(d, static_cast<uint64_t>(base), hidden, scratch.bits.data());
           backward_row(dy + base, x + base, residual + base, w, mean[row], rstd[row],
                        dresidual + base, mask.active ? dx + base : nullptr, dw, dw + padded,
                        scratch.a.data(), scratch.b.data(), mask, hidden);

@@ -38,5 +38,9 @@ void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* o
 // holds iff its uniform float is <= p (-1: nothing is dropped; 2^31 - 1: everything is).
 int32_t dropout_last_dropped(float p);
 
+// The vector instructions these kernels were compiled for: "avx512+bf16", "avx512", "avx2" or
+// "generic" (chosen by the compiler flags, see csrc/cpu/simd.h).
+const char* layer_norm_residual_vector_level();
+
 }  // namespace cpu
 }  // namespace roberta_fast
