@@ -94,46 +94,60 @@ inline uint64_t spread4(uint32_t m, int shift) {
 }
 #endif
 
-// Keep bits of the 64 elements 4 * counter .. 4 * counter + 63: bit 4 j + i is word i of Philox
-// counter `counter + j`.
-inline uint64_t keep_bits64(const Dropout& d, uint64_t counter) {
+// Keep bits of the 64 W elements 4 * counter .. 4 * counter + 64 W - 1 into out[0 .. W): bit
+// 4 j + i of out[w] is word i of Philox counter `counter + 16 w + j`. W words at once interleave
+// W independent dependency chains (a round's multiply -> shuffle -> xor is ~7 cycles deep), so
+// the vector ports, not the latency, set the pace.
+template <int W>
+inline void keep_bits64(const Dropout& d, uint64_t counter, uint64_t* out) {
 #if RF_SIMD_AVX512
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i base = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(counter)));
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(counter >> 32));
-  __m512i c0 = _mm512_add_epi32(base, lane);
-  // A lane whose low word wrapped carries into the high word.
-  __m512i c1 = _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(c0, base), high,
-                                     _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_setzero_si512();
-  __m512i c3 = _mm512_setzero_si512();
+  __m512i c0[W], c1[W], c2[W], c3[W];
+  for (int w = 0; w < W; ++w) {
+    const uint64_t first = counter + static_cast<uint64_t>(w * kCountersPerWord);
+    const __m512i base = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(first)));
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(first >> 32));
+    c0[w] = _mm512_add_epi32(base, lane);
+    // A lane whose low word wrapped carries into the high word.
+    c1[w] = _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(c0[w], base), high,
+                                  _mm512_set1_epi32(1));
+    c2[w] = _mm512_setzero_si512();
+    c3[w] = _mm512_setzero_si512();
+  }
   const __m512i round_a = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundA));
   const __m512i round_b = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundB));
 #pragma GCC unroll 10
   for (int r = 0; r < philox::kRounds; ++r) {
-    __m512i hi_a, lo_a, hi_b, lo_b;
-    mulhilo(round_a, c0, &hi_a, &lo_a);
-    mulhilo(round_b, c2, &hi_b, &lo_b);
-    // 0x96: a ^ b ^ c
-    c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int32_t>(d.key0[r])),
-                                   0x96);
-    c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int32_t>(d.key1[r])),
-                                   0x96);
-    c1 = lo_b;
-    c3 = lo_a;
+    const __m512i k0 = _mm512_set1_epi32(static_cast<int32_t>(d.key0[r]));
+    const __m512i k1 = _mm512_set1_epi32(static_cast<int32_t>(d.key1[r]));
+#pragma GCC unroll 4
+    for (int w = 0; w < W; ++w) {
+      __m512i hi_a, lo_a, hi_b, lo_b;
+      mulhilo(round_a, c0[w], &hi_a, &lo_a);
+      mulhilo(round_b, c2[w], &hi_b, &lo_b);
+      c0[w] = _mm512_ternarylogic_epi32(hi_b, c1[w], k0, 0x96);  // 0x96: a ^ b ^ c
+      c2[w] = _mm512_ternarylogic_epi32(hi_a, c3[w], k1, 0x96);
+      c1[w] = lo_b;
+      c3[w] = lo_a;
+    }
   }
   const __m512i last = _mm512_set1_epi32(d.last_dropped);
-  return spread4(keep_lanes(c0, last), 0) | spread4(keep_lanes(c1, last), 1) |
-         spread4(keep_lanes(c2, last), 2) | spread4(keep_lanes(c3, last), 3);
+  for (int w = 0; w < W; ++w) {
+    out[w] = spread4(keep_lanes(c0[w], last), 0) | spread4(keep_lanes(c1[w], last), 1) |
+             spread4(keep_lanes(c2[w], last), 2) | spread4(keep_lanes(c3[w], last), 3);
+  }
 #else
   const uint64_t seed = (static_cast<uint64_t>(d.key1[0]) << 32) | d.key0[0];
-  uint64_t bits = 0;
-  for (int j = 0; j < kCountersPerWord; ++j) {
-    const philox::Words w = philox::random_words(seed, counter + static_cast<uint64_t>(j));
-    for (int i = 0; i < 4; ++i)
-      bits |= static_cast<uint64_t>(keep_word(w.w[i], d.last_dropped)) << (4 * j + i);
+  for (int w = 0; w < W; ++w) {
+    uint64_t bits = 0;
+    for (int j = 0; j < kCountersPerWord; ++j) {
+      const philox::Words v = philox::random_words(
+          seed, counter + static_cast<uint64_t>(w * kCountersPerWord + j));
+      for (int i = 0; i < 4; ++i)
+        bits |= static_cast<uint64_t>(keep_word(v.w[i], d.last_dropped)) << (4 * j + i);
+    }
+    out[w] = bits;
   }
-  return bits;
 #endif
 }
 
@@ -144,8 +158,11 @@ inline void fill_keep_bits(const Dropout& d, uint64_t o, int64_t n, uint64_t* bi
   const int first = static_cast<int>(o & 3);
   const int64_t words = (first + n + 63) / 64;
   const uint64_t counter = o >> 2;
-  for (int64_t k = 0; k < words; ++k)
-    bits[k] = keep_bits64(d, counter + static_cast<uint64_t>(k * kCountersPerWord));
+  int64_t k = 0;
+  for (; k + 4 <= words; k += 4)
+    keep_bits64<4>(d, counter + static_cast<uint64_t>(k * kCountersPerWord), bits + k);
+  for (; k < words; ++k)
+    keep_bits64<1>(d, counter + static_cast<uint64_t>(k * kCountersPerWord), bits + k);
   bits[words] = 0;
   if (first != 0) {
     for (int64_t k = 0; k < words; ++k) bits[k] = (bits[k] >> first) | (bits[k + 1] << (64 - first));

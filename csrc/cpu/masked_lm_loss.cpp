@@ -58,19 +58,22 @@ inline Vec exp_nonpos(Vec x) {
 #endif
 }
 
-// Largest of x[0 .. n) (NaN propagates).
+// Largest of x[0 .. n). Four accumulators: the max's latency would bound one chain. A NaN logit
+// need not survive here: it reaches the loss through the sum of exponentials.
 inline float block_max(const float* x, int64_t n) {
-  Vec a(-kInf), b(-kInf);
+  Vec a(-kInf), b(-kInf), c(-kInf), d(-kInf);
   int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    a = at::vec::maximum(a, Vec::loadu(x + i));
-    b = at::vec::maximum(b, Vec::loadu(x + i + kLanes));
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    a = simd::max_lanes(a, Vec::loadu(x + i));
+    b = simd::max_lanes(b, Vec::loadu(x + i + kLanes));
+    c = simd::max_lanes(c, Vec::loadu(x + i + 2 * kLanes));
+    d = simd::max_lanes(d, Vec::loadu(x + i + 3 * kLanes));
   }
   for (; i < n; i += kLanes) {
     const int64_t k = std::min(kLanes, n - i);
-    a = at::vec::maximum(a, Vec::set(Vec(-kInf), Vec::loadu(x + i, k), k));
+    a = simd::max_lanes(a, Vec::set(Vec(-kInf), Vec::loadu(x + i, k), k));
   }
-  return simd::hmax(at::vec::maximum(a, b));
+  return simd::hmax(simd::max_lanes(simd::max_lanes(a, b), simd::max_lanes(c, d)));
 }
 
 // Sum of exp(x[i] - m) over i < n; with `out`, the exponentials are stored there (out may be x).
@@ -97,7 +100,7 @@ inline float block_sum_exp(const float* x, int64_t n, float m, float* out) {
   return simd::hsum(a + b);
 }
 
-// The block src[0 .. n) as fp32 into dst; returns its largest value (NaN propagates).
+// The block src[0 .. n) as fp32 into dst; returns its largest value (as block_max).
 template <typename T>
 inline float to_float_max(const T* src, int64_t n, float* dst) {
   Vec a(-kInf), b(-kInf);
@@ -106,16 +109,16 @@ inline float to_float_max(const T* src, int64_t n, float* dst) {
     const Vec u = simd::load(src + i), v = simd::load(src + i + kLanes);
     u.store(dst + i);
     v.store(dst + i + kLanes);
-    a = at::vec::maximum(a, u);
-    b = at::vec::maximum(b, v);
+    a = simd::max_lanes(a, u);
+    b = simd::max_lanes(b, v);
   }
   for (; i < n; i += kLanes) {
     const int64_t k = std::min(kLanes, n - i);
     const Vec u = simd::load(src + i, k);
     u.store(dst + i, k);
-    a = at::vec::maximum(a, Vec::set(Vec(-kInf), u, k));
+    a = simd::max_lanes(a, Vec::set(Vec(-kInf), u, k));
   }
-  return simd::hmax(at::vec::maximum(a, b));
+  return simd::hmax(simd::max_lanes(a, b));
 }
 
 // dst[i] = src[i] * f for i < n (dst may alias src when T is float).

@@ -199,6 +199,16 @@ inline Vec select_mul(uint32_t lanes, Vec x, Vec scale) {
 #endif
 }
 
+// Lane-wise max, one instruction where possible: a NaN lane may or may not survive (callers that
+// must see NaN see it through a sum).
+inline Vec max_lanes(Vec a, Vec b) {
+#if RF_SIMD_AVX512
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 // The first n lanes of v, the others 0.
 inline Vec first(Vec v, int64_t n) { return Vec::set(Vec(0.0f), v, n); }
 
