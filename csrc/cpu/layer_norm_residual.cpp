@@ -98,6 +98,10 @@ inline uint64_t spread4(uint32_t m, int shift) {
 // 4 j + i of out[w] is word i of Philox counter `counter + 16 w + j`. W words at once interleave
 // W independent dependency chains (a round's multiply -> shuffle -> xor is ~7 cycles deep), so
 // the vector ports, not the latency, set the pace.
+// (GCC 12 warns that the intrinsics' undefined pass-through operands are uninitialized.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int W>
 inline void keep_bits64(const Dropout& d, uint64_t counter, uint64_t* out) {
 #if RF_SIMD_AVX512
@@ -150,6 +154,7 @@ inline void keep_bits64(const Dropout& d, uint64_t counter, uint64_t* out) {
   }
 #endif
 }
+#pragma GCC diagnostic pop
 
 // The keep bits of the n elements at offsets o .. o + n - 1: element o + j is bit j % 64 of
 // bits[j / 64]. Words of 64 elements are drawn from the Philox counter of o on and shifted down
@@ -254,8 +259,10 @@ inline std::pair<float, float> forward_row(const T* __restrict x, const T* __res
     sv.store(s + j, n);
     a1 = a1 + sv;
   }
-  const float inv_h = 1.0f / static_cast<float>(hidden);
-  const float mean = simd::hsum((a0 + a1) + (a2 + a3)) * inv_h;
+  // Divisions, not products with a rounded 1 / H: once per row, and a row whose mean is large
+  // next to its spread amplifies every rounding of the mean.
+  const float h = static_cast<float>(hidden);
+  const float mean = simd::hsum((a0 + a1) + (a2 + a3)) / h;
 
   const Vec vm(mean);
   a0 = a1 = a2 = a3 = Vec(0.0f);
@@ -276,7 +283,7 @@ inline std::pair<float, float> forward_row(const T* __restrict x, const T* __res
     const Vec d = simd::first(Vec::loadu(s + j, n) - vm, n);
     a1 = at::vec::fmadd(d, d, a1);
   }
-  const float rstd = 1.0f / std::sqrt(simd::hsum((a0 + a1) + (a2 + a3)) * inv_h + eps);
+  const float rstd = 1.0f / std::sqrt(simd::hsum((a0 + a1) + (a2 + a3)) / h + eps);
 
   const Vec vr(rstd);
   j = 0;
@@ -327,9 +334,9 @@ inline void backward_row(const T* __restrict dy, const T* __restrict x, const T*
   for (; j < hidden; j += kLanes) pass1(j, std::min(kLanes, hidden - j), sg0, sx0);
 
   // (g - mean(g)) first: it cancels exactly where it should (H = 1, constant g).
-  const float inv_h = 1.0f / static_cast<float>(hidden);
-  const Vec mean_g(simd::hsum(sg0 + sg1) * inv_h);
-  const Vec mean_gx(simd::hsum(sx0 + sx1) * inv_h);
+  const float h = static_cast<float>(hidden);
+  const Vec mean_g(simd::hsum(sg0 + sg1) / h);
+  const Vec mean_gx(simd::hsum(sx0 + sx1) / h);
   auto ds_at = [&](int64_t j) {
     return vr * at::vec::fnmadd(Vec::loadu(xhat + j), mean_gx, Vec::loadu(g + j) - mean_g);
   };
