@@ -6,9 +6,10 @@
 // the per-thread fp32 partial sums of dweight/dbias, reduced in a fixed order at the end.
 //
 // Dropout: the keep bits of 64 consecutive elements come from one vector of 16 Philox counters
-// (AVX-512: 16 lanes; elsewhere the scalar csrc/common/philox.h), and "u > p" is an integer
-// compare of the folded word against a threshold found once per call, exactly equivalent to the
-// float rule of philox.h because that rule is monotone in the folded word.
+// (AVX-512: 16 lanes, four vectors in flight; elsewhere the scalar csrc/common/philox.h), drawn
+// per row into an L1 bit array. "u > p" is an integer compare of the folded word against a
+// threshold found once per call, exactly the float rule of philox.h, which is monotone in the
+// folded word. Philox is most of the arithmetic: about as much as all the rest of a bf16 row.
 #include "cpu/simd.h"  // first: it configures ATen's vector headers
 
 #include "cpu/layer_norm_residual.h"
@@ -229,9 +230,26 @@ inline Vec dropout_load(const T* x, int64_t j, int64_t n, const RowMask& m, Vec 
   return m.active ? simd::select_mul(lane_bits(m.bits, j), v, scale) : v;
 }
 
-// Forward of one row: s = dropout(x) + r into the L1 scratch `s`, its mean, the two-pass
-// variance on s, then y. Four accumulators per sum: the adds' latency, not their number, would
-// bound a single chain. Returns (mean, rstd).
+// Folds acc = f(j, n, acc) over the row's vectors (n = kLanes, or fewer for the last one; f
+// leaves lanes past n alone) into four accumulators, then sums their lanes: the latency of the
+// accumulating add, not the number of adds, would bound a single chain.
+template <typename F>
+inline float row_reduce(int64_t hidden, F&& f) {
+  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= hidden; j += 4 * kLanes) {
+    a0 = f(j, kLanes, a0);
+    a1 = f(j + kLanes, kLanes, a1);
+    a2 = f(j + 2 * kLanes, kLanes, a2);
+    a3 = f(j + 3 * kLanes, kLanes, a3);
+  }
+  for (; j + kLanes <= hidden; j += kLanes) a0 = f(j, kLanes, a0);
+  if (j < hidden) a1 = f(j, hidden - j, a1);
+  return simd::hsum((a0 + a1) + (a2 + a3));
+}
+
+// Forward of one row: s = dropout(x) + r into the L1 scratch `s` and its mean, the two-pass
+// variance on s, then y. Returns (mean, rstd).
 template <typename T>
 inline std::pair<float, float> forward_row(const T* __restrict x, const T* __restrict r,
                                            const float* __restrict w,
@@ -239,54 +257,29 @@ inline std::pair<float, float> forward_row(const T* __restrict x, const T* __res
                                            float* __restrict s, RowMask m, int64_t hidden,
                                            float eps) {
   const Vec scale(m.scale);
-  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
-  auto put = [&](int64_t j, Vec& acc) {
-    const Vec sv = dropout_load(x, j, m, scale) + simd::load(r + j);
-    sv.store(s + j);
-    acc = acc + sv;
-  };
-  int64_t j = 0;
-  for (; j + 4 * kLanes <= hidden; j += 4 * kLanes) {
-    put(j, a0);
-    put(j + kLanes, a1);
-    put(j + 2 * kLanes, a2);
-    put(j + 3 * kLanes, a3);
-  }
-  for (; j + kLanes <= hidden; j += kLanes) put(j, a0);
-  if (j < hidden) {
-    const int64_t n = hidden - j;
+  const float sum = row_reduce(hidden, [&](int64_t j, int64_t n, Vec acc) {
+    if (n == kLanes) {
+      const Vec sv = dropout_load(x, j, m, scale) + simd::load(r + j);
+      sv.store(s + j);
+      return acc + sv;
+    }
     const Vec sv = dropout_load(x, j, n, m, scale) + simd::load(r + j, n);  // 0 past n
     sv.store(s + j, n);
-    a1 = a1 + sv;
-  }
+    return acc + sv;
+  });
   // Divisions, not products with a rounded 1 / H: once per row, and a row whose mean is large
   // next to its spread amplifies every rounding of the mean.
   const float h = static_cast<float>(hidden);
-  const float mean = simd::hsum((a0 + a1) + (a2 + a3)) / h;
-
+  const float mean = sum / h;
   const Vec vm(mean);
-  a0 = a1 = a2 = a3 = Vec(0.0f);
-  auto sq = [&](int64_t j, Vec& acc) {
-    const Vec d = Vec::loadu(s + j) - vm;
-    acc = at::vec::fmadd(d, d, acc);
-  };
-  j = 0;
-  for (; j + 4 * kLanes <= hidden; j += 4 * kLanes) {
-    sq(j, a0);
-    sq(j + kLanes, a1);
-    sq(j + 2 * kLanes, a2);
-    sq(j + 3 * kLanes, a3);
-  }
-  for (; j + kLanes <= hidden; j += kLanes) sq(j, a0);
-  if (j < hidden) {
-    const int64_t n = hidden - j;
-    const Vec d = simd::first(Vec::loadu(s + j, n) - vm, n);
-    a1 = at::vec::fmadd(d, d, a1);
-  }
-  const float rstd = 1.0f / std::sqrt(simd::hsum((a0 + a1) + (a2 + a3)) / h + eps);
+  const float sum_sq = row_reduce(hidden, [&](int64_t j, int64_t n, Vec acc) {
+    const Vec d = n == kLanes ? Vec::loadu(s + j) - vm : simd::first(Vec::loadu(s + j, n) - vm, n);
+    return at::vec::fmadd(d, d, acc);
+  });
+  const float rstd = 1.0f / std::sqrt(sum_sq / h + eps);
 
   const Vec vr(rstd);
-  j = 0;
+  int64_t j = 0;
   for (; j + kLanes <= hidden; j += kLanes) {
     const Vec xhat = (Vec::loadu(s + j) - vm) * vr;
     simd::store(y + j, at::vec::fmadd(xhat, Vec::loadu(w + j), Vec::loadu(b + j)));

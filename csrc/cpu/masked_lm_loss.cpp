@@ -192,7 +192,12 @@ void one_row(T* row, int64_t label, int64_t vocab, int64_t ignore_index, float s
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, vocab - b0);
-    const float* e = kFloat ? reinterpret_cast<const float*>(row + b0) : scratch.row.data() + b0;
+    const float* e;  // the block's stored exponentials
+    if constexpr (kFloat) {
+      e = row + b0;
+    } else {
+      e = scratch.row.data() + b0;
+    }
     scale_store(e, n, std::exp(scratch.block_max[blk] - m) * inv, row + b0);
   }
   row[label] = static_cast<T>((std::exp(target - m) / s - 1.0f) * scale);
