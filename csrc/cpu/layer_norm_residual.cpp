@@ -21,9 +21,8 @@
 #include <utility>
 #include <vector>
 
-#include <ATen/Parallel.h>
-
 #include "common/philox.h"
+#include "cpu/parallel.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "the dropout keep bits are read as little-endian words");
@@ -376,6 +375,13 @@ void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* o
   for (int64_t j = 0; j < n; ++j) out[j] = (bits[j >> 6] >> (j & 63)) & 1u ? d.scale : 0.0f;
 }
 
+// Chunks of rows for parallel_chunks: about 16K elements or more each (the per-chunk overhead is
+// a few rows' worth below that), and at most 64 of them (enough for a thread slowed by other
+// work to hand its share to the other), whatever the number of threads.
+inline int64_t row_chunks(int64_t rows, int64_t hidden) {
+  return std::max<int64_t>(1, std::min<int64_t>({rows, 64, rows * hidden / 16384}));
+}
+
 template <typename T, typename W>
 void layer_norm_residual_fwd(const T* x, const T* residual, const W* weight, const W* bias, T* y,
                              float* mean, float* rstd, int64_t rows, int64_t hidden, float eps,
@@ -385,11 +391,11 @@ void layer_norm_residual_fwd(const T* x, const T* residual, const W* weight, con
   const float* w = params_as_float(weight, hidden, wbuf);
   const float* b = params_as_float(bias, hidden, bbuf);
   const Dropout d(dropout_p, seed);
-  // ~8K elements per task: a few rows of roberta-base already keep both threads busy.
-  const int64_t grain = std::max<int64_t>(1, 8192 / hidden);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  const int64_t chunks = row_chunks(rows, hidden);
+  parallel_chunks(chunks, [&](int64_t c) {
     RowScratch scratch(hidden);
     const RowMask mask{scratch.bits.data(), d.active, d.scale};
+    const auto [begin, end] = chunk_rows(rows, chunks, c);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * hidden;
       if (mask.active) fill_keep_bits(d, static_cast<uint64_t>(base), hidden, scratch.bits.data());
@@ -410,26 +416,25 @@ void layer_norm_residual_bwd(const T* dy, const T* x, const T* residual, const W
   std::vector<float> wbuf;
   const float* w = params_as_float(weight, hidden, wbuf);
   const Dropout d(dropout_p, seed);
-  // Fixed chunks of rows, each with its own fp32 partial dweight/dbias row, summed afterwards in
-  // chunk order: the result does not depend on thread scheduling, no two threads write one
-  // accumulator, and nothing of size [rows, H] is allocated besides the outputs.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  // Each chunk of rows accumulates its own fp32 partial dweight/dbias row, summed afterwards in
+  // chunk order: the result depends neither on scheduling nor on the number of threads, no two
+  // threads write one accumulator, and nothing of size [rows, H] is allocated besides the outputs.
+  const int64_t chunks = row_chunks(rows, hidden);
   const int64_t padded = (hidden + kLanes - 1) / kLanes * kLanes;
   std::vector<float> partial(2 * chunks * padded, 0.0f);
   if (rows > 0) {
-    at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    parallel_chunks(chunks, [&](int64_t c) {
       RowScratch scratch(hidden);
       const RowMask mask{scratch.bits.data(), d.active, d.scale};
-      for (int64_t c = cbegin; c < cend; ++c) {
-        float* dw = partial.data() + c * 2 * padded;
-        for (int64_t row = rows * c / chunks; row < rows * (c + 1) / chunks; ++row) {
-          const int64_t base = row * hidden;
-          if (mask.active)
-            fill_keep_bits(d, static_cast<uint64_t>(base), hidden, scratch.bits.data());
-          backward_row(dy + base, x + base, residual + base, w, mean[row], rstd[row],
-                       dresidual + base, mask.active ? dx + base : nullptr, dw, dw + padded,
-                       scratch.a.data(), scratch.b.data(), mask, hidden);
-        }
+      float* dw = partial.data() + c * 2 * padded;
+      const auto [begin, end] = chunk_rows(rows, chunks, c);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * hidden;
+        if (mask.active)
+          fill_keep_bits(d, static_cast<uint64_t>(base), hidden, scratch.bits.data());
+        backward_row(dy + base, x + base, residual + base, w, mean[row], rstd[row],
+                     dresidual + base, mask.active ? dx + base : nullptr, dw, dw + padded,
+                     scratch.a.data(), scratch.b.data(), mask, hidden);
       }
     });
   }

@@ -9,8 +9,7 @@
 #include "cpu/simd.h"  // first: it configures ATen's vector headers
 
 #include "cpu/masked_lm_loss.h"
-
-#include <ATen/Parallel.h>
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -210,9 +209,12 @@ void masked_lm_loss_rows(T* logits, const L* labels, int64_t rows, int64_t vocab
                          int64_t row_stride, int64_t ignore_index, float scale, bool write_grad,
                          float* row_losses) {
   if (rows <= 0) return;
-  // A row is tens of thousands of elements: one row is already a worthwhile task.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // A row of a real vocabulary is tens of thousands of elements: one row is already a worthwhile
+  // chunk; tiny vocabularies take several rows per chunk.
+  const int64_t chunks = std::max<int64_t>(1, std::min(rows, rows * vocab / 4096));
+  parallel_chunks(chunks, [&](int64_t c) {
     RowScratch scratch(vocab, !std::is_same_v<T, float>);
+    const auto [begin, end] = chunk_rows(rows, chunks, c);
     for (int64_t r = begin; r < end; ++r) {
       one_row<T>(logits + r * row_stride, static_cast<int64_t>(labels[r]), vocab, ignore_index,
                  scale, write_grad, row_losses + r, scratch);
