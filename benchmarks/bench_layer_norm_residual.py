@@ -7,6 +7,14 @@ runs natively on the device (the Triton interpreter on CPU is never timed).
 
 Bytes that must move: forward reads x, residual, weight, bias and writes y (+ fp32 mean/rstd);
 backward reads dy, x, residual, weight, mean/rstd and writes dx, dresidual, dweight, dbias.
+
+``python -m benchmarks.bench_layer_norm_residual`` instead prints forward and backward (fp32 and
+bf16) of the native op and of eager PyTorch next to copies of the same byte count, timed
+round-robin in one process (GB/s, fraction of the copy ceiling, ratio to eager). Where a fresh
+page costs a fault (as in a VM, several microseconds), outputs of tens of MB pay more for their
+pages than for their bytes, in the op and in the new-destination copy alike; running it with
+glibc keeping freed memory (``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184``)
+or with ``THP_MEM_ALLOC_ENABLE=1`` measures the kernels rather than the page faults.
 """
 from __future__ import annotations
 

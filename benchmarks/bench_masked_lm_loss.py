@@ -14,7 +14,8 @@ work of every impl alike (the labelled rows' dense + decoder GEMMs, x3 for forwa
 within a group they are proportional to speed.
 
 Run ``python -m benchmarks.bench_masked_lm_loss [--full]`` for a table on this machine, or
-``pytest benchmarks/bench_masked_lm_loss.py`` for pytest-benchmark.
+``pytest benchmarks/bench_masked_lm_loss.py`` for pytest-benchmark; ``--row-kernel`` times the row
+kernel alone (one chunk of logits, fp32 and bf16) against the copy ceiling instead.
 """
 from __future__ import annotations
 
