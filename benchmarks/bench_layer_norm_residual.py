@@ -7,6 +7,14 @@ runs natively on the device (the Triton interpreter on CPU is never timed).
 
 Bytes that must move: forward reads x, residual, weight, bias and writes y (+ fp32 mean/rstd);
 backward reads dy, x, residual, weight, mean/rstd and writes dx, dresidual, dweight, dbias.
+
+``python -m benchmarks.bench_layer_norm_residual`` instead prints forward and backward (fp32 and
+bf16) of the native op and of eager PyTorch next to copies of the same byte count, timed
+round-robin in one process (GB/s, fraction of the copy ceiling, ratio to eager). Where a fresh
+page costs a fault (as in a VM, several microseconds), outputs of tens of MB pay more for their
+pages than for their bytes, in the op and in the new-destination copy alike; running it with
+glibc keeping freed memory (``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184``)
+or with ``THP_MEM_ALLOC_ENABLE=1`` measures the kernels rather than the page faults.
 """
 from __future__ import annotations
 
@@ -100,3 +108,69 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
 @pytest.mark.parametrize("case", common.pytest_cases(cases))
 def test_layer_norm_residual(benchmark, case):
     benchmark(case.setup())
+
+
+def min_bytes(rows: int, h: int, dtype: torch.dtype, mode: str, dropout: bool = True) -> int:
+    """The bytes the fused op cannot avoid moving (parameters left out): forward reads x and
+    residual and writes y and the fp32 mean/rstd; backward reads dy, x, residual (and mean/rstd)
+    and writes dresidual and, with dropout, dx."""
+    e = torch.empty((), dtype=dtype).element_size()
+    n = rows * h
+    if mode == "fwd":
+        return 3 * n * e + 8 * rows
+    return (5 if dropout else 4) * n * e + 8 * rows
+
+
+def roofline(rows: int, h: int, dtypes, rounds: int, device: str = "cpu") -> list[dict]:
+    """Forward and backward of roberta_fast's native backend and of PyTorch eager, timed
+    round-robin in this process next to two copies of the same byte count, the ceilings: one into
+    a new tensor per call (the op allocates its outputs, so this is the like-for-like ceiling)
+    and one into a reused tensor (pure bandwidth; where a new page costs a fault, as in a VM,
+    the two differ by the price of those faults). Rows of GB/s and fractions of both."""
+    backend = "cuda" if device == "cuda" else "cpu"
+    out = []
+    for dtype in dtypes:
+        for mode in ("fwd", "bwd"):
+            nbytes = min_bytes(rows, h, dtype, mode)
+            fns = {"copy, new dst": common.copy_fn(nbytes, device),
+                   "copy, reused dst": common.copy_fn(nbytes, device, allocate=False),
+                   f"roberta_fast {backend}": _setup(_fused(backend), rows, h, dtype, device,
+                                                     mode)(),
+                   "torch eager": _setup(_eager, rows, h, dtype, device, mode)()}
+            best = common.best_times(fns, device, rounds=rounds)
+            for impl, t in best.items():
+                out.append({"dtype": str(dtype).replace("torch.", ""), "mode": mode, "impl": impl,
+                            "ms": t * 1e3, "gb_per_s": nbytes / t / 1e9,
+                            "of_copy": best["copy, new dst"] / t,
+                            "of_reused_copy": best["copy, reused dst"] / t,
+                            "vs_eager": best["torch eager"] / t})
+            del fns
+    return out
+
+
+def main() -> None:
+    """``python -m benchmarks.bench_layer_norm_residual``: the fused op against the copy ceiling
+    and eager PyTorch (forward and backward, fp32 and bf16, p = 0.1), in one process."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default=common.default_device())
+    args = parser.parse_args()
+    dtypes = [common.DTYPES[d] for d in args.dtypes.split(",")]
+    print(f"{args.rows} x {args.hidden}, p = {P}, {torch.get_num_threads()} threads, best of "
+          f"{args.rounds} interleaved rounds; bytes that must move: fwd reads x, residual and "
+          "writes y, mean/rstd; bwd reads dy, x, residual and writes dresidual, dx")
+    print(f"{'dtype':<9} {'mode':<4} {'impl':<18} {'time':>8}    {'GB/s':>6}  "
+          f"{'of copy (new dst)':>17}  {'of copy (reused)':>16}  {'vs eager':>8}")
+    for row in roofline(args.rows, args.hidden, dtypes, args.rounds, args.device):
+        print(f"{row['dtype']:<9} {row['mode']:<4} {row['impl']:<18} {row['ms']:8.2f} ms "
+              f"{row['gb_per_s']:6.1f}  {100 * row['of_copy']:16.0f}%  "
+              f"{100 * row['of_reused_copy']:15.0f}%  {row['vs_eager']:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

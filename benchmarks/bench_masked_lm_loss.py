@@ -14,7 +14,8 @@ work of every impl alike (the labelled rows' dense + decoder GEMMs, x3 for forwa
 within a group they are proportional to speed.
 
 Run ``python -m benchmarks.bench_masked_lm_loss [--full]`` for a table on this machine, or
-``pytest benchmarks/bench_masked_lm_loss.py`` for pytest-benchmark.
+``pytest benchmarks/bench_masked_lm_loss.py`` for pytest-benchmark; ``--row-kernel`` times the row
+kernel alone (one chunk of logits, fp32 and bf16) against the copy ceiling instead.
 """
 from __future__ import annotations
 
@@ -135,14 +136,60 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def row_kernel_roofline(dtypes, rounds: int, device: str = "cpu", rows: int | None = None
+                        ) -> list[dict]:
+    """The row kernel alone (``masked_lm_loss_rows``: loss and gradient in place) on a
+    ``[rows, V]`` chunk, every row labelled, timed round-robin next to a copy of the same byte
+    count into a reused tensor (the kernel works in place: it allocates nothing) and next to
+    eager PyTorch's ``cross_entropy`` + ``softmax`` on the chunk. ``rows``: by default the rows
+    of one chunk of the op (its memory budget, 64 MiB on a CPU), so fp32 and bf16 move the same
+    bytes. Bytes: the chunk read once and written once."""
+    import importlib
+
+    mlm_op = importlib.import_module("roberta_fast.ops.masked_lm_loss")  # the module, not the op
+
+    out = []
+    for dtype in dtypes:
+        e = torch.empty((), dtype=dtype).element_size()
+        n = rows or mlm_op._chunk_rows(device, VOCAB, e, None)
+        logits = torch.randn(n, VOCAB, device=device).to(dtype)
+        labels = torch.randint(0, VOCAB, (n,), device=device)
+        scale = torch.full((1,), 1.0 / n, device=device)
+        kernel = torch.ops.roberta_fast.masked_lm_loss_rows
+        nbytes = 2 * n * VOCAB * e
+        fns = {"copy, reused dst": common.copy_fn(nbytes, device, allocate=False),
+               "roberta_fast row kernel": lambda: kernel(logits, labels, scale, IGNORE, True),
+               "torch eager": lambda: (F.cross_entropy(logits, labels, reduction="none"),
+                                       torch.softmax(logits, -1))}
+        best = common.best_times(fns, device, rounds=rounds)
+        for impl, t in best.items():
+            out.append({"dtype": str(dtype).replace("torch.", ""), "rows": n, "impl": impl,
+                        "ms": t * 1e3, "gb_per_s": nbytes / t / 1e9,
+                        "of_copy": best["copy, reused dst"] / t})
+        del fns, logits
+    return out
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also 32 x 512 tokens")
     parser.add_argument("--device", default=common.default_device())
+    parser.add_argument("--row-kernel", action="store_true",
+                        help="only the row kernel on one chunk, fp32 and bf16, against the copy "
+                             "ceiling")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     device = args.device
+    if args.row_kernel:
+        print(f"row kernel, [rows, {VOCAB}] chunk, every row labelled, "
+              f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds; bytes: "
+              "the chunk read and written once")
+        for row in row_kernel_roofline([torch.float32, torch.bfloat16], args.rounds, device):
+            print(f"{row['dtype']:<9} rows {row['rows']:<5} {row['impl']:<24} {row['ms']:8.2f} ms "
+                  f"{row['gb_per_s']:6.1f} GB/s {100 * row['of_copy']:5.0f}% of copy", flush=True)
+        return
     dtype = common.default_dtype(device)
     quick = not args.full
     rows = []

@@ -205,3 +205,44 @@ def native_backends(device: str) -> list[str]:
     if device == "cuda":
         return [name for name in ("cuda", "triton") if found[name] == "ok"]
     return ["cpu"] if found["cpu"] == "ok" else []
+
+
+def best_times(fns: dict[str, Callable[[], object]], device: str = "cpu", *, rounds: int = 5,
+               min_round_s: float = 0.25) -> dict[str, float]:
+    """Best time of one call of each ``fn``, measured round-robin: every round calls each fn
+    in turn for at least ``min_round_s``, so that load from other processes falls on all of them
+    alike; the minimum over every call of every round is kept (the least disturbed run).
+
+    For side-by-side comparisons on a shared machine, where a median per implementation taken at
+    different moments compares different loads.
+    """
+    import time
+
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():  # warm-up: first-call allocations, lazy initialisation
+        fn()
+    synchronize(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            spent = 0.0
+            while spent < min_round_s:
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                took = time.perf_counter() - start
+                spent += took
+                best[name] = min(best[name], took)
+    return best
+
+
+def copy_fn(nbytes: int, device: str = "cpu", *, allocate: bool = True) -> Callable[[], object]:
+    """A copy that moves ``nbytes`` through memory (``nbytes / 2`` read, as much written): the
+    bandwidth ceiling of a kernel that moves ``nbytes``. ``allocate``: the destination is a new
+    tensor per call (``torch.empty_like(a).copy_(a)``), as a kernel that returns new outputs pays
+    for them; otherwise one destination is reused, as an in-place kernel does.
+    """
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32, device=device).uniform_()
+    if allocate:
+        return lambda: torch.empty_like(src).copy_(src)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)

@@ -127,6 +127,35 @@ def test_large_magnitude_logits_stay_finite_and_exact_in_the_row_kernels(triton_
         assert rel_err(chunk, ref_grad) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [15, 17, 2048, 2049, 4097])
+def test_cpu_row_kernel_at_vector_and_block_tails(vocab, dtype):
+    # The CPU row kernel alone, at vocabularies around its vector width (16 lanes) and its
+    # 2048-element blocks, on rows with padding after the vocabulary (left untouched).
+    rows, pad = 6, 5
+    buffer = randn(rows, vocab + pad, scale=3.0).to(dtype)
+    chunk = buffer[:, :vocab]
+    logits = chunk.clone()
+    labels = torch.randint(0, vocab, (rows,))
+    labels[2] = IGNORE
+    padding = buffer[:, vocab:].clone()
+    losses = torch.ops.roberta_fast.masked_lm_loss_rows(chunk, labels, torch.full((1,), 0.2),
+                                                       IGNORE, True)
+
+    def expected(x):
+        loss = F.cross_entropy(x, labels, ignore_index=IGNORE, reduction="none")
+        grad = (torch.softmax(x, -1) - F.one_hot(labels.clamp(min=0), vocab).to(x.dtype)) * 0.2
+        grad[2] = 0
+        return loss, grad
+
+    ref_loss, ref_grad = expected(logits.double())
+    base_loss, base_grad = expected(logits.float())  # plain PyTorch, fp32 math like the kernel's
+    assert losses.dtype == torch.float32 and losses[2].item() == 0.0
+    assert_close(losses, ref_loss, baseline=base_loss, dtype=torch.float32, name="loss")
+    assert_close(chunk, ref_grad, baseline=base_grad.to(dtype), dtype=dtype, name="grad")
+    assert torch.equal(buffer[:, vocab:], padding)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_large_magnitude_logits_through_the_op(backend, request):
     if backend == "triton":

@@ -30,8 +30,17 @@ void layer_norm_residual_bwd(const T* dy, const T* x, const T* residual, const W
                              W* dweight, W* dbias, int64_t rows, int64_t hidden, float dropout_p,
                              uint64_t seed);
 
-// Writes the dropout multiplier (0 or 1 / (1 - p)) of counters offset .. offset + n - 1.
+// Writes the dropout multiplier (0 or 1 / (1 - p)) of elements offset .. offset + n - 1.
 void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* out);
+
+// The dropout rule of csrc/common/philox.h as an integer threshold: an element whose random word
+// v folds to f = (v as int32 < 0 ? ~v : v) is dropped iff f <= dropout_last_dropped(p), which
+// holds iff its uniform float is <= p (-1: nothing is dropped; 2^31 - 1: everything is).
+int32_t dropout_last_dropped(float p);
+
+// The vector instructions these kernels were compiled for: "avx512+bf16", "avx512", "avx2" or
+// "generic" (chosen by the compiler flags, see csrc/cpu/simd.h).
+const char* layer_norm_residual_vector_level();
 
 }  // namespace cpu
 }  // namespace roberta_fast

@@ -1,129 +1,132 @@
 // CPU row kernel of the masked-LM cross-entropy: see masked_lm_loss.h for the contract.
 //
-// A row of roberta-base logits is 50265 floats (~200 KB): it stays in L2 between the read pass
-// (block-wise online max + sum of exponentials) and the write pass (gradient). The inner loops use
-// GCC/Clang vector extensions with a branch-free polynomial exp: the compiler maps them to AVX2 /
-// AVX-512 / SSE as -march allows, where std::exp would keep the loops scalar.
-#include "cpu/masked_lm_loss.h"
+// A row of roberta-base logits is 50265 values (~200 KB in fp32): it stays in L2 from the read
+// pass to the write pass, so the row crosses memory once each way. Read pass, per block of
+// kBlock elements (in L1): the block's max, then exp(x - block max) summed and, when the gradient
+// is wanted, stored as fp32 (in place for fp32 logits, in a per-thread fp32 row otherwise).
+// The row's running max and sum combine the blocks. Write pass: each stored exponential times
+// one factor per block, exp(block max - row max) * scale / sum: one exp per logit in all.
+#include "cpu/simd.h"  // first: it configures ATen's vector headers
 
-#include <ATen/Parallel.h>
+#include "cpu/masked_lm_loss.h"
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace roberta_fast {
 namespace cpu {
 namespace {
 
-constexpr int kW = 8;             // lanes per vector (32 bytes)
-constexpr int64_t kBlock = 1024;  // elements converted/scanned per block (4 KB of fp32, in L1)
+using simd::kLanes;
+using simd::Vec;
 
-typedef float VecF __attribute__((vector_size(kW * sizeof(float))));
-typedef int32_t VecI __attribute__((vector_size(kW * sizeof(int32_t))));
+constexpr int64_t kBlock = 2048;  // elements per block (8 KB of fp32, in L1)
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline VecF splat(float x) { return VecF{} + x; }
-
-inline VecF load(const float* p) {
-  VecF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// exp(x) for x <= 0 (the arguments are always logit - a max), within ~1 ulp. With AVX-512 inline:
+// x = k ln2 + r with |r| <= ln2 / 2 (k rounded by adding 1.5 * 2^23), a degree-7 Taylor
+// polynomial in r (error below 6e-9 relative), times 2^k by vscalefps; below -87 the result is
+// exactly 0 (e^-87 ~ 1.6e-38 is nothing next to the row's largest term, 1), NaN stays NaN.
+// Elsewhere ATen's exp.
+inline Vec exp_nonpos(Vec x) {
+#if RF_SIMD_AVX512
+  const __m512 v = x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), magic),
+                                 magic);
+  // ln2 in two parts so that k * ln2_hi is exact.
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, k);
+#else
+  return x.exp();
+#endif
 }
 
-// The first n < kW elements of p, the rest filled with `fill`.
-inline VecF load_partial(const float* p, int64_t n, float fill) {
-  float tmp[kW];
-  for (int l = 0; l < kW; ++l) tmp[l] = l < n ? p[l] : fill;
-  return load(tmp);
-}
-
-inline void store(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float hmax(VecF v) {
-  float m = v[0];
-  for (int l = 1; l < kW; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-
-inline float hsum(VecF v) {
-  float s = 0.0f;
-  for (int l = 0; l < kW; ++l) s += v[l];
-  return s;
-}
-
-// exp(x) for x <= 0 (the arguments are always logit - running max), within ~1 ulp in fp32.
-// Range reduction x = k ln2 + r with |r| <= ln2/2 (k rounded by the 1.5 * 2^23 trick), a
-// degree-7 Taylor polynomial, and 2^k built from exponent bits. Below -87 the result is 0
-// (exp(-87) ~ 1.6e-38 is negligible next to the row's largest term, which is 1). NaN propagates.
-inline VecF exp_nonpos(VecF x) {
-  const VecI tiny = x < splat(-87.0f);
-  const VecF xc = tiny ? splat(-87.0f) : x;
-  const VecF magic = splat(12582912.0f);
-  const VecF t = xc * splat(1.44269504088896341f) + magic;
-  const VecF kf = t - magic;
-  const VecI k = (VecI)t - (VecI)magic;
-  // ln2 split in two so that kf * ln2_hi is exact.
-  const VecF r = (xc - kf * splat(0.693145751953125f)) - kf * splat(1.428606765330187e-06f);
-  VecF p = splat(1.0f / 5040.0f);
-  p = p * r + splat(1.0f / 720.0f);
-  p = p * r + splat(1.0f / 120.0f);
-  p = p * r + splat(1.0f / 24.0f);
-  p = p * r + splat(1.0f / 6.0f);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const VecF two_k = (VecF)((k + 127) << 23);
-  return tiny ? splat(0.0f) : p * two_k;
-}
-
-inline float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
-
+// Largest of x[0 .. n). Four accumulators: the max's latency would bound one chain. A NaN logit
+// need not survive here: it reaches the loss through the sum of exponentials.
 inline float block_max(const float* x, int64_t n) {
-  VecF a = splat(-kInf), b = splat(-kInf);
+  Vec a(-kInf), b(-kInf), c(-kInf), d(-kInf);
   int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {
-    const VecF u = load(x + i), v = load(x + i + kW);
-    a = u > a ? u : a;
-    b = v > b ? v : b;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    a = simd::max_lanes(a, Vec::loadu(x + i));
+    b = simd::max_lanes(b, Vec::loadu(x + i + kLanes));
+    c = simd::max_lanes(c, Vec::loadu(x + i + 2 * kLanes));
+    d = simd::max_lanes(d, Vec::loadu(x + i + 3 * kLanes));
   }
-  for (; i + kW <= n; i += kW) {
-    const VecF u = load(x + i);
-    a = u > a ? u : a;
+  for (; i < n; i += kLanes) {
+    const int64_t k = std::min(kLanes, n - i);
+    a = simd::max_lanes(a, Vec::set(Vec(-kInf), Vec::loadu(x + i, k), k));
   }
-  if (i < n) {
-    const VecF u = load_partial(x + i, n - i, -kInf);
-    b = u > b ? u : b;
-  }
-  return hmax(a > b ? a : b);
+  return simd::hmax(simd::max_lanes(simd::max_lanes(a, b), simd::max_lanes(c, d)));
 }
 
-inline float block_sum_exp(const float* x, int64_t n, float m) {
-  const VecF mv = splat(m);
-  VecF a = splat(0.0f), b = splat(0.0f);
+// Sum of exp(x[i] - m) over i < n; with `out`, the exponentials are stored there (out may be x).
+inline float block_sum_exp(const float* x, int64_t n, float m, float* out) {
+  const Vec mv(m);
+  Vec a(0.0f), b(0.0f);
   int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {
-    a += exp_nonpos(load(x + i) - mv);
-    b += exp_nonpos(load(x + i + kW) - mv);
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const Vec e0 = exp_nonpos(Vec::loadu(x + i) - mv);
+    const Vec e1 = exp_nonpos(Vec::loadu(x + i + kLanes) - mv);
+    if (out) {
+      e0.store(out + i);
+      e1.store(out + i + kLanes);
+    }
+    a = a + e0;
+    b = b + e1;
   }
-  for (; i + kW <= n; i += kW) a += exp_nonpos(load(x + i) - mv);
-  if (i < n) b += exp_nonpos(load_partial(x + i, n - i, -kInf) - mv);
-  return hsum(a + b);
+  for (; i < n; i += kLanes) {
+    const int64_t k = std::min(kLanes, n - i);
+    const Vec e = simd::first(exp_nonpos(Vec::loadu(x + i, k) - mv), k);
+    if (out) e.store(out + i, k);
+    a = a + e;
+  }
+  return simd::hsum(a + b);
 }
 
-// out[i] = exp(x[i] - m) * inv for i < n (out may alias x).
-inline void block_softmax(const float* x, int64_t n, float m, float inv, float* out) {
-  const VecF mv = splat(m), iv = splat(inv);
+// The block src[0 .. n) as fp32 into dst; returns its largest value (as block_max).
+template <typename T>
+inline float to_float_max(const T* src, int64_t n, float* dst) {
+  Vec a(-kInf), b(-kInf);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) store(out + i, exp_nonpos(load(x + i) - mv) * iv);
-  if (i < n) {
-    float tmp[kW];
-    store(tmp, exp_nonpos(load_partial(x + i, n - i, -kInf) - mv) * iv);
-    for (int64_t l = 0; l < n - i; ++l) out[i + l] = tmp[l];
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const Vec u = simd::load(src + i), v = simd::load(src + i + kLanes);
+    u.store(dst + i);
+    v.store(dst + i + kLanes);
+    a = simd::max_lanes(a, u);
+    b = simd::max_lanes(b, v);
   }
+  for (; i < n; i += kLanes) {
+    const int64_t k = std::min(kLanes, n - i);
+    const Vec u = simd::load(src + i, k);
+    u.store(dst + i, k);
+    a = simd::max_lanes(a, Vec::set(Vec(-kInf), u, k));
+  }
+  return simd::hmax(simd::max_lanes(a, b));
+}
+
+// dst[i] = src[i] * f for i < n (dst may alias src when T is float).
+template <typename T>
+inline void scale_store(const float* src, int64_t n, float f, T* dst) {
+  const Vec fv(f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) simd::store(dst + i, Vec::loadu(src + i) * fv);
+  if (i < n) simd::store(dst + i, Vec::loadu(src + i, n - i) * fv, n - i);
 }
 
 template <typename T>
@@ -131,9 +134,16 @@ void fill_row(T* row, int64_t vocab, float value) {
   std::fill(row, row + vocab, static_cast<T>(value));
 }
 
-template <typename T, typename L>
+// Per-thread scratch: the row as fp32 (half-precision logits only) and the block maxima.
+struct RowScratch {
+  std::vector<float> row, block_max;
+  RowScratch(int64_t vocab, bool need_row)
+      : row(need_row ? vocab + kLanes : 0), block_max((vocab + kBlock - 1) / kBlock) {}
+};
+
+template <typename T>
 void one_row(T* row, int64_t label, int64_t vocab, int64_t ignore_index, float scale,
-             bool write_grad, float* loss) {
+             bool write_grad, float* loss, RowScratch& scratch) {
   if (label == ignore_index) {
     *loss = 0.0f;
     if (write_grad) fill_row(row, vocab, 0.0f);
@@ -144,48 +154,52 @@ void one_row(T* row, int64_t label, int64_t vocab, int64_t ignore_index, float s
     if (write_grad) fill_row(row, vocab, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  alignas(64) float buf[kBlock];
-  // The block [b0, b0 + n) as fp32: the row itself for float, else a converted copy in buf.
-  auto block = [&](int64_t b0, int64_t n) -> const float* {
-    if constexpr (std::is_same_v<T, float>) {
-      return row + b0;
-    } else {
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[b0 + i]);
-      return buf;
-    }
-  };
-  // Read pass: per block, its max; the running sum is rescaled only when the max grows. The max
-  // starts at the lowest finite float, not -inf, so that -inf logits (a bias banning a token) add
-  // exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const float target = static_cast<float>(row[label]);
+  // Read pass. A block max is at least the lowest finite float, not -inf, so that -inf logits
+  // (a bias banning a token) add exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
   float m = std::numeric_limits<float>::lowest();
   float s = 0.0f;
-  for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, vocab - b0);
-    const float* x = block(b0, n);
-    const float bm = block_max(x, n);
-    if (bm > m) {
-      s *= exp_nonpos(m - bm);
-      m = bm;
+    float* x;  // the block as fp32
+    float bm;
+    if constexpr (kFloat) {
+      x = row + b0;
+      bm = block_max(x, n);
+    } else {
+      x = scratch.row.data() + b0;
+      bm = to_float_max(row + b0, n, x);
     }
-    s += block_sum_exp(x, n, m);
+    bm = bm < std::numeric_limits<float>::lowest() ? std::numeric_limits<float>::lowest() : bm;
+    const float bs = block_sum_exp(x, n, bm, write_grad ? x : nullptr);
+    scratch.block_max[blk] = bm;
+    if (bm > m) {
+      s = s * std::exp(m - bm) + bs;
+      m = bm;
+    } else {
+      s += bs * std::exp(bm - m);  // NaN (a NaN logit) propagates to the loss
+    }
   }
-  const float target = static_cast<float>(row[label]);
   // One std::log per row: the loss gets full precision.
   *loss = m + std::log(s) - target;
   if (!write_grad) return;
   // Write pass: softmax * scale, then the one-hot term at the label.
   const float inv = scale / s;
-  for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, vocab - b0);
-    if constexpr (std::is_same_v<T, float>) {
-      block_softmax(row + b0, n, m, inv, row + b0);
+    const float* e;  // the block's stored exponentials
+    if constexpr (kFloat) {
+      e = row + b0;
     } else {
-      const float* x = block(b0, n);
-      block_softmax(x, n, m, inv, buf);
-      for (int64_t i = 0; i < n; ++i) row[b0 + i] = static_cast<T>(buf[i]);
+      e = scratch.row.data() + b0;
     }
+    scale_store(e, n, std::exp(scratch.block_max[blk] - m) * inv, row + b0);
   }
-  row[label] = static_cast<T>((exp_nonpos(target - m) / s - 1.0f) * scale);
+  row[label] = static_cast<T>((std::exp(target - m) / s - 1.0f) * scale);
 }
 
 }  // namespace
@@ -195,11 +209,15 @@ void masked_lm_loss_rows(T* logits, const L* labels, int64_t rows, int64_t vocab
                          int64_t row_stride, int64_t ignore_index, float scale, bool write_grad,
                          float* row_losses) {
   if (rows <= 0) return;
-  // A row is tens of thousands of elements: one row is already a worthwhile task.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // A row of a real vocabulary is tens of thousands of elements: one row is already a worthwhile
+  // chunk; tiny vocabularies take several rows per chunk.
+  const int64_t chunks = std::max<int64_t>(1, std::min(rows, rows * vocab / 4096));
+  parallel_chunks(chunks, [&](int64_t c) {
+    RowScratch scratch(vocab, !std::is_same_v<T, float>);
+    const auto [begin, end] = chunk_rows(rows, chunks, c);
     for (int64_t r = begin; r < end; ++r) {
-      one_row<T, L>(logits + r * row_stride, static_cast<int64_t>(labels[r]), vocab, ignore_index,
-                    scale, write_grad, row_losses + r);
+      one_row<T>(logits + r * row_stride, static_cast<int64_t>(labels[r]), vocab, ignore_index,
+                 scale, write_grad, row_losses + r, scratch);
     }
   });
 }

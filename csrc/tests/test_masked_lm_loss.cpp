@@ -1,7 +1,9 @@
 // ctest: the CPU masked-LM cross-entropy row kernel against a naive double-precision loop.
-// Covers vocabularies of 1, 7, 1000 and 50265, logits of magnitude ~1e4, ignored rows, a bad
+// Covers vocabularies of 1, 7, 1000 and 50265 and around the vector width (15, 17) and the
+// kernel's 2048-element blocks (2048, 2049, 4097), logits of magnitude ~1e4, ignored rows, a bad
 // label (NaN row, never an out-of-bounds read), padded row strides (padding left untouched),
-// int32 and int64 labels, and fp16/bf16 storage. Exits non-zero on any mismatch.
+// int32 and int64 labels, fp16/bf16 storage, and -inf logits filling whole blocks. Exits
+// non-zero on any mismatch.
 #include "cpu/masked_lm_loss.h"
 #include "masked_lm_loss_reference.h"
 
@@ -129,31 +131,37 @@ void bad_label_gives_nan() {
   }
 }
 
-// -inf logits (a bias that bans tokens) contribute nothing, even when a whole block is -inf.
+// -inf logits (a bias that bans tokens) contribute nothing and get a zero gradient, also when
+// they fill whole blocks of the kernel (2048 elements), before and after the row's maximum.
 void minus_inf_logits() {
-  const int64_t vocab = 3000;
+  const int64_t vocab = 7000;
   std::vector<float> logits(vocab);
   std::normal_distribution<double> normal(0.0, 2.0);
+  auto banned = [](int64_t v) { return v < 2500 || (v >= 4096 && v < 6144); };
   for (int64_t v = 0; v < vocab; ++v) {
-    logits[v] = v < 1500 ? -INFINITY : static_cast<float>(normal(rng));
+    logits[v] = banned(v) ? -INFINITY : static_cast<float>(normal(rng));
   }
   double m = -INFINITY, s = 0.0;
-  for (int64_t v = 1500; v < vocab; ++v) m = std::max(m, static_cast<double>(logits[v]));
-  for (int64_t v = 1500; v < vocab; ++v) s += std::exp(logits[v] - m);
-  const int64_t label = 2001;
+  for (int64_t v = 0; v < vocab; ++v)
+    if (!banned(v)) m = std::max(m, static_cast<double>(logits[v]));
+  for (int64_t v = 0; v < vocab; ++v)
+    if (!banned(v)) s += std::exp(logits[v] - m);
+  const int64_t label = 3001;
   const double ref = m + std::log(s) - logits[label];
   float loss = NAN;
   masked_lm_loss_rows<float, int64_t>(logits.data(), &label, 1, vocab, vocab, -100, 1.0f, true,
                                       &loss);
   expect(std::fabs(loss - ref) <= 1e-5 * std::fabs(ref), "-inf logits: loss differs");
-  expect(logits[3] == 0.0f && std::isfinite(logits[label]), "-inf logits: gradient not 0/finite");
+  bool zero = true;
+  for (int64_t v = 0; v < vocab; ++v) zero = zero && (!banned(v) || logits[v] == 0.0f);
+  expect(zero && std::isfinite(logits[label]), "-inf logits: gradient not 0/finite");
 }
 
 }  // namespace
 
 int main() {
   const double fp32_tol = 1e-5;
-  for (int64_t vocab : {1, 7, 1000, 50265}) {
+  for (int64_t vocab : {1, 7, 15, 17, 1000, 2048, 2049, 4097, 50265}) {
     const int64_t rows = vocab > 10000 ? 5 : 13;
     run_case<float, int64_t>("fp32", rows, vocab, 0, 3.0, fp32_tol);
     run_case<float, int32_t>("fp32/int32", rows, vocab, 5, 3.0, fp32_tol);
@@ -164,6 +172,8 @@ int main() {
   // Half types: the reference sees the same rounded inputs; the gradient is rounded on store.
   run_case<c10::Half, int64_t>("fp16", 9, 1000, 8, 3.0, 2e-3);
   run_case<c10::BFloat16, int32_t>("bf16", 9, 50265, 0, 3.0, 1e-2);
+  run_case<c10::BFloat16, int64_t>("bf16", 13, 2049, 7, 3.0, 1e-2);
+  run_case<c10::Half, int32_t>("fp16", 13, 17, 0, 3.0, 2e-3);
   run_case<c10::BFloat16, int64_t>("bf16 big", 5, 1000, 0, 1e4, 1e-2);
   bad_label_gives_nan();
   minus_inf_logits();
