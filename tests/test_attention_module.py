@@ -296,3 +296,96 @@ def test_convert_rejects_other_modules():
     with pytest.raises(TypeError, match="BertSelfAttention"):
         FastRobertaSelfAttention.convert(bert)
     assert type(bert) is BertSelfAttention
+
+
+# --------------------------------------------------------------------------------------------
+# The fused q/k/v projection
+# --------------------------------------------------------------------------------------------
+
+def _three(module, x, heads):
+    shape = (*x.shape[:-1], heads, -1)
+    return [lin(x).view(shape) for lin in (module.query, module.key, module.value)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_matches_three_linears_and_their_gradients(dtype):
+    from roberta_fast.nn.attention import project_qkv
+
+    cfg = _config("roberta", "sdpa", hidden=64, heads=4)
+    module = RobertaSelfAttention(cfg).to(dtype)
+    exact = copy.deepcopy(module).double()
+    x = randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    grads = [randn(3, 7, 4, 16, dtype=dtype) for _ in range(3)]
+
+    def run(mod, inp, outs):
+        params = [p for lin in (mod.query, mod.key, mod.value) for p in lin.parameters()]
+        return outs, torch.autograd.grad(outs, [inp, *params], [g.to(inp.dtype) for g in grads])
+
+    fused = run(module, x, project_qkv(module, x, 4, 16))
+    stock = run(module, x, _three(module, x, 4))
+    ref = run(exact, x64, _three(exact, x64, 4))
+    for i, (g, b, r) in enumerate(zip([*fused[0], *fused[1]], [*stock[0], *stock[1]],
+                                      [*ref[0], *ref[1]])):
+        assert g.shape == r.shape
+        assert_close(g, r, baseline=b, name=f"output/gradient {i}")
+
+
+def test_fused_projection_cache_follows_parameter_changes():
+    from roberta_fast.nn.attention import _QKV_CACHE, project_qkv
+
+    cfg = _config("roberta", "sdpa", hidden=32, heads=2)
+    module = RobertaSelfAttention(cfg)
+    x = randn(2, 5, 32)
+
+    def check():
+        with torch.no_grad():
+            want = _three(module, x, 2)
+        with torch.inference_mode():
+            got = project_qkv(module, x, 2, 16)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+    check()
+    assert module in _QKV_CACHE  # no-grad forwards keep the concatenated weight
+    with torch.no_grad():  # an optimizer step: in place, the version counters move
+        module.key.weight.add_(1.0)
+        module.value.bias.mul_(-2.0)
+    check()
+    module.load_state_dict({k: torch.randn_like(v) for k, v in module.state_dict().items()})
+    check()
+    module.to(torch.float64)  # new storage
+    x = x.double()
+    check()
+    assert "_QKV_CACHE" not in str(module.state_dict().keys())
+    copy.deepcopy(module)  # the cache lives beside the module, never in it
+
+
+def test_fused_projection_after_inference_mode_trains():
+    """A weight cached under inference_mode is an inference tensor: a training forward must not
+    save it for backward."""
+    from roberta_fast.nn.attention import project_qkv
+
+    cfg = _config("roberta", "sdpa", hidden=32, heads=2)
+    module = RobertaSelfAttention(cfg)
+    x = randn(2, 5, 32, requires_grad=True)
+    with torch.inference_mode():
+        project_qkv(module, x.detach(), 2, 16)
+    q, k, v = project_qkv(module, x, 2, 16)
+    (q.sum() + k.sum() + v.sum()).backward()
+    assert module.query.weight.grad is not None and x.grad is not None
+
+
+def test_fused_projection_under_autocast_caches_the_autocast_dtype():
+    from roberta_fast.nn.attention import _QKV_CACHE, project_qkv
+
+    cfg = _config("roberta", "sdpa", hidden=32, heads=2)
+    module = RobertaSelfAttention(cfg)
+    x = randn(2, 5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _three(module, x, 2)
+        got = project_qkv(module, x, 2, 16)
+    assert _QKV_CACHE[module][1].dtype == torch.bfloat16
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w)

@@ -13,11 +13,20 @@ values: None (nothing padded) or a 2-D ``[B, L]`` bool / integer mask. The patch
 as a bool tensor, instead of the 4-D mask the stock model builds; ``flash_attention_*`` passes a
 2-D mask too. So the forward never waits for the device, and ``torch.compile`` (fullgraph) and
 ``torch.export`` trace it without a data-dependent branch.
-Three Linear calls are used rather than one fused QKV matmul: concatenating the weights on every
-call measured no faster on CPU and costs a weight-sized copy in forward and backward.
 
-Mixed precision: under ``torch.autocast`` the three Linear layers produce q, k, v in the autocast
-dtype, as in the stock module, and the fused op runs in that dtype with its softmax statistics in
+The three projections run as one ``[3H, H]`` matmul (:func:`project_qkv`); q, k and v are
+strided views of its output. The input is read once, one GEMM launches instead of three, and the
+backward's input gradient is one GEMM rather than three plus two additions. The parameters stay
+the stock ``query`` / ``key`` / ``value`` Linear layers (state_dict, optimizers, tying and
+sharding see no change). With gradients, their weights are concatenated on each call (autograd
+splits the weight gradient back into views, no copy); without gradients (``no_grad``,
+``inference_mode``) the concatenated weight, already in the autocast dtype under autocast, is
+kept per module and rebuilt only when a parameter changes (its version counter or storage), so
+inference pays no copy at all. That cache holds one ``[3H, H]`` weight per layer beside the
+parameters.
+
+Mixed precision: under ``torch.autocast`` the projection produces q, k, v in the autocast dtype,
+as the stock module's three Linear layers do, and the fused op runs in that dtype with its softmax statistics in
 fp32 (what SDPA does under autocast); the output keeps that dtype.
 
 Packed input: when the caller passes Hugging Face's ``cu_seq_lens_q`` (and optionally
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -69,6 +79,7 @@ __all__ = [
     "ClassSwapMixin",
     "SavesAsStockMixin",
     "forward_in_stock_signature",
+    "project_qkv",
 ]
 
 def _op(name: str):
@@ -85,6 +96,50 @@ def _op(name: str):
             raise RuntimeError(f"roberta_fast.ops.{name} is not available ({exc}); the fast "
                                "attention module needs it") from exc
     return fn
+
+
+# module -> (key, weight, bias): the concatenated q/k/v parameters for forwards without
+# gradients. Kept beside the modules (not in them) so that state_dict, deepcopy and pickling of a
+# patched model never carry it.
+_QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _qkv_parameters(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    linears = (module.query, module.key, module.value)
+    return [m.weight for m in linears], [m.bias for m in linears]
+
+
+def _cached_qkv(module: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated weight and bias for a forward without gradients (see module docstring)."""
+    weights, biases = _qkv_parameters(module)
+    dtype = weights[0].dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)  # what F.linear would cast to, once
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in (*weights, *biases)))
+    hit = _QKV_CACHE.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        weight = torch.cat(weights).to(dtype)
+        bias = torch.cat(biases).to(dtype)
+    _QKV_CACHE[module] = (key, weight, bias)
+    return weight, bias
+
+
+def project_qkv(module: nn.Module, x: torch.Tensor, heads: int, head_dim: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``module.query(x)``, ``module.key(x)``, ``module.value(x)`` as ``[..., heads, head_dim]``
+    views of one ``[..., 3, heads, head_dim]`` product (see the module docstring)."""
+    weights, biases = _qkv_parameters(module)
+    if any(b is None for b in biases):  # not a stock configuration: three plain projections
+        shape = (*x.shape[:-1], heads, head_dim)
+        return module.query(x).view(shape), module.key(x).view(shape), module.value(x).view(shape)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        weight, bias = torch.cat(weights), torch.cat(biases)
+    else:
+        weight, bias = _cached_qkv(module, x.device)
+    out = nn.functional.linear(x, weight, bias)
+    return out.view(*x.shape[:-1], 3, heads, head_dim).unbind(-3)
 
 
 def backend_scope(module: nn.Module):
@@ -297,10 +352,7 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
         if not usable:
             return stock(hidden_states, attention_mask, *args, **kwargs)
 
-        shape = (batch, seqlen, heads, head_dim)
-        q = self.query(hidden_states).view(shape)
-        k = self.key(hidden_states).view(shape)
-        v = self.value(hidden_states).view(shape)
+        q, k, v = project_qkv(self, hidden_states, heads, head_dim)
         with backend_scope(self):
             out = _op("attention")(q, k, v, key_padding_mask=key_padding, dropout_p=dropout_p,
                                    scale=scale)
@@ -331,10 +383,7 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         heads, head_dim = self.num_attention_heads, self.attention_head_size
         x = hidden_states.reshape(total, hidden_states.shape[-1])
-        shape = (total, heads, head_dim)
-        q = self.query(x).view(shape)
-        k = self.key(x).view(shape)
-        v = self.value(x).view(shape)
+        q, k, v = project_qkv(self, x, heads, head_dim)
         with backend_scope(self):
             out = _op("attention_varlen")(q, k, v, cu_seqlens, int(max_seqlen),
                                           dropout_p=dropout_p, scale=scale)
