@@ -118,9 +118,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
                             save_report, write_profile_plot)
 
     device = _device(args.device)
-    amp = args.amp or ("bf16" if device == "cuda" else "none")
+    # Mixed precision by default on a GPU, unless the whole model is cast to a half dtype.
+    amp = args.amp or ("bf16" if device == "cuda" and args.dtype == "fp32" else "none")
     opts = ProfileOptions(config=args.config, batch=args.batch, seq=args.seq, steps=args.steps,
-                          warmup=args.warmup, grad_accum=args.grad_accum, amp=amp,
+                          warmup=args.warmup, grad_accum=args.grad_accum, amp=amp, dtype=args.dtype,
                           unpad=args.unpad, lengths=args.lengths, device=device,
                           backend=args.backend, trace=args.trace, seed=args.seed,
                           attention=not args.no_attention, layer_norm=not args.no_layer_norm,
@@ -141,7 +142,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     results = report["results"]
     table = Table(title=f"masked-LM training, {opts.config}, batch {opts.batch} x seq {opts.seq}"
-                        f" x accum {opts.grad_accum}, amp {amp}, lengths {opts.lengths}"
+                        f" x accum {opts.grad_accum}, amp {amp}, model {opts.dtype}, lengths {opts.lengths}"
                         + (", unpad" if opts.unpad else ""), title_justify="left")
     for col in ("run", "tokens/s (real)", "samples/s", "step (median)", "peak memory",
                 "roberta_fast ops"):
@@ -531,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--grad-accum", type=_positive, default=1,
                       help="micro-batches per optimizer step")
     prof.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
-                      help="autocast dtype (default: bf16 on cuda, none on cpu)")
+                      help="autocast dtype (default: bf16 on cuda with an fp32 model, else none)")
+    prof.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                      help="dtype of the whole model (model.to(dtype)); bf16/fp16 train in pure "
+                           "half precision, with --amp none")
     prof.add_argument("--unpad", action="store_true",
                       help="patched model drops padding (varlen attention)")
     prof.add_argument("--lengths", default="uniform",

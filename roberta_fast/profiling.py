@@ -289,6 +289,9 @@ def make_batches(config, *, batch: int, seq: int, count: int, lengths: str,
 # Training runs
 # ---------------------------------------------------------------------------------------------
 
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class ProfileOptions:
     """What ``run_profile`` trains and how; mirrors ``roberta-fast profile``'s options."""
@@ -300,6 +303,9 @@ class ProfileOptions:
     warmup: int = 5
     grad_accum: int = 1
     amp: str = "bf16"
+    # The dtype of the whole model (``model.to(dtype)``): "fp32", or "bf16" / "fp16" for pure
+    # half-precision training (then amp must be "none": the model has no fp32 weights to cast).
+    dtype: str = "fp32"
     unpad: bool = False
     lengths: str = "uniform"
     device: str = "cuda"
@@ -334,6 +340,14 @@ class ProfileOptions:
                                     f"{torch.__version__}, CUDA build: {torch.version.cuda})")
         if self.amp == "fp16" and self.device == "cpu":
             raise ProfileInputError("--amp fp16 is for CUDA; use --amp bf16 or none on the CPU")
+        if self.dtype not in MODEL_DTYPES:
+            raise ProfileInputError(f"--dtype must be one of {', '.join(MODEL_DTYPES)}, got "
+                                    f"{self.dtype!r}")
+        if self.dtype != "fp32" and self.amp != "none":
+            raise ProfileInputError(f"--dtype {self.dtype} casts the whole model; it takes "
+                                    f"--amp none (got --amp {self.amp})")
+        if self.dtype == "fp16" and self.device == "cpu":
+            raise ProfileInputError("--dtype fp16 is for CUDA; use --dtype bf16 on the CPU")
 
 
 class PatchUnavailable(RuntimeError):
@@ -436,7 +450,7 @@ def _train_run(model, batches: list[Batch], opts: ProfileOptions, mask_fn, mask_
     from .backends import use_backend
 
     device = opts.device
-    model.to(device).train()
+    model.to(device=device, dtype=MODEL_DTYPES[opts.dtype]).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr)
     scaler = torch.amp.GradScaler(device, enabled=opts.amp == "fp16")
     mask_gen = torch.Generator(device=device).manual_seed(opts.seed + 1)

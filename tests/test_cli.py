@@ -75,6 +75,11 @@ def test_profile_input_errors_are_one_line(tmp_path):
                              "--device", "cpu", "--steps", "1", "--warmup", "0",
                              "--out", str(tmp_path)])
     assert code == 2 and "outside the model's vocabulary" in err
+    code, _, err = run_main(["profile", "--config", "tiny", "--device", "cpu", "--dtype", "bf16",
+                             "--amp", "bf16"])
+    assert code == 2 and "--amp none" in err
+    code, _, err = run_main(["profile", "--config", "tiny", "--device", "cpu", "--dtype", "fp16"])
+    assert code == 2 and "--dtype bf16 on the CPU" in err
     assert "Traceback" not in err
 
 
@@ -325,14 +330,15 @@ def test_bench_on_gpu_reports_fraction_of_measured_ceilings(tmp_path, monkeypatc
     assert ok and all(0 < r["fraction_of_ceiling"] for r in ok)
 
 
-def test_profile_under_cpu_autocast_bf16(tmp_path):
-    """``profile --amp bf16`` on the CPU: stock and patched masked-LM training both run under
-    ``torch.autocast("cpu", bfloat16)``, with finite losses."""
+@pytest.mark.parametrize("amp, dtype", [("bf16", "fp32"), ("none", "bf16")])
+def test_profile_in_half_precision_on_cpu(tmp_path, amp, dtype):
+    """``profile --amp bf16`` (autocast) and ``--dtype bf16`` (the whole model cast) on the CPU:
+    stock and patched masked-LM training both run, with finite losses."""
     code, _, stderr = run_main(["profile", "--config", "tiny", "--steps", "1", "--warmup", "0",
-                                "--batch", "2", "--seq", "16", "--device", "cpu", "--amp", "bf16",
-                                "--out", str(tmp_path)])
+                                "--batch", "2", "--seq", "16", "--device", "cpu", "--amp", amp,
+                                "--dtype", dtype, "--out", str(tmp_path)])
     report = json.loads((tmp_path / "profile-latest.json").read_text())
-    assert report["options"]["amp"] == "bf16"
+    assert report["options"]["amp"] == amp and report["options"]["dtype"] == dtype
     for name in ("stock", "patched") if PATCH_IMPORTABLE else ("stock",):
         run = report["results"][name]
         assert "error" not in run, run.get("error")
