@@ -646,7 +646,7 @@ class _FakeAutotuner:
             self.calls.append("untuned" if "BLOCK_M" in kwargs else "tuned")
             if "BLOCK_M" in kwargs:
                 self.calls.append({k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
-                                                          "num_stages")})
+                                                          "num_stages", "maxnreg")})
         return launch
 
 
@@ -657,16 +657,17 @@ def test_launch_tunes_unless_off_or_capturing(monkeypatch):
     monkeypatch.setattr(kernels, "_INTERPRET", False)
     monkeypatch.setattr(kernels, "_TUNED", set())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
     q = torch.empty(2, 100, 2, 64, dtype=torch.bfloat16)
     lay = kernels._Layout(q, torch.ones(2, 100, dtype=torch.bool), None, 100)
-    first = kernels.pickable_tiles(kernels._DKDV_TUNING, fp32=False, bucket=lay.bucket,
-                                   block_d=64, dropout=True)[0]
-    expect = dict(BLOCK_M=first.block_m, BLOCK_N=first.block_n, num_warps=first.warps,
-                  num_stages=first.stages)
+    first = kernels.pickable_tiles(kernels._DKDV_TUNING, arch=90, fp32=False, bucket=lay.bucket,
+                                   block_d=64, draw=kernels.DRAW_GROUPED)[0]
+    expect = first.options()
     calls = []
 
     class CudaArg:
         is_cuda = True
+        device = "cuda"
 
     def launch():
         kernels._launch(_FakeAutotuner(calls), kernels._DKDV_TUNING, lay, "BLOCK_N",

@@ -18,13 +18,16 @@ Dropout (shared RNG contract, csrc/common/philox.h): element ``(b, h, i, j)`` ha
 offset ``o = ((b * heads + h) * Lmax + i) * Lmax + j``, where ``Lmax`` is ``L`` (padded) or
 ``max_seqlen`` (varlen), and is kept iff the uniform float of word ``o & 3`` of
 ``tl.randint4x(seed, o >> 2)`` is > p -- the rule of the LayerNorm kernels and of the CPU and CUDA
-code; kept values are scaled by ``1 / (1 - p)``.
+code; kept values are scaled by ``1 / (1 - p)``. When ``Lmax % 4 == 0`` every row of offsets
+starts on a counter, and one Philox call serves four consecutive keys (``_keep_rows``); other
+``Lmax`` draw per element, four times the work, which only the smaller tiles hold in registers.
 The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
 
 The functions here are plain launchers with no autograd; ``roberta_fast.ops.attention`` wraps them.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -59,108 +62,173 @@ DROPOUT_MASK_BLOCK = 1024
 # Autotuning configurations
 # --------------------------------------------------------------------------------------------
 
-class _Tile(NamedTuple):
-    """One autotuning candidate and where it is worth trying.
+MAXNREG = 255
 
-    ``max_block_d`` and ``dropout`` record where the tile stops fitting in registers (ptxas -v
-    for sm_90a reports spills beyond them; dropout's in-register Philox draws cost about 40
-    registers per thread). ``fp32`` tiles serve fp32 inputs only: exact fp32 dots run on FMA
-    units with far larger register footprints, so those need small tiles, which in turn would
-    starve the tensor cores for fp16/bf16.
+# Dropout draws, lightest first: none; one Philox call per four elements (rows on counter
+# boundaries: Lmax % 4 == 0); a Philox call per element (any other Lmax).
+DRAW_NONE, DRAW_GROUPED, DRAW_ELEMENT = 0, 1, 2
+
+
+class _Tile(NamedTuple):
+    """One autotuning candidate and the head dims it takes without spilling registers.
+
+    ``d``, ``d_grouped`` and ``d_element`` are the largest BLOCK_D the tile takes with no
+    dropout, with the grouped draw and with the per-element draw (0: never), as the cubins for
+    the table's architecture show (cuobjdump -res-usage); tests/test_triton_compile.py compiles
+    every tile at each of its limits and fails on a spill. ``fp32`` tiles serve fp32 inputs only:
+    exact fp32 dots run on FMA units with far larger register footprints, so those need small
+    tiles, which in turn would starve the tensor cores for fp16/bf16.
     """
 
     block_m: int
     block_n: int
     warps: int
     stages: int
-    max_block_d: int = 128
-    dropout: bool = True
+    d: int = 128
+    d_grouped: int = 0
+    d_element: int = 0
     fp32: bool = False
 
+    def options(self) -> dict:
+        """Launch options: the tile, and for fp16/bf16 tiles 255 registers per thread allowed.
 
-def _configs(table: list[_Tile]) -> list[triton.Config]:
-    if _INTERPRET:
-        # The interpreter executes programs in numpy: one small tile keeps tests quick.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps,
-                          num_stages=t.stages) for t in table]
+        Left alone, ptxas aims at several blocks per SM (128 registers per thread at 8 warps,
+        168 at 4 with the ptxas of Triton 3.6) and spills to get there; these tiles are sized to
+        live in registers. The fp32 tiles measured better left to ptxas (``.maxnreg 255`` made
+        some spill).
+        """
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.warps,
+                    num_stages=self.stages, maxnreg=None if self.fp32 else MAXNREG)
 
-
-# Hopper favours 128-row query tiles with 8 warps (two warpgroups); 64-row tiles win for short
-# sequences, where 128-row tiles would leave SMs idle.
-_FWD_TABLE = [
-    _Tile(128, 64, 8, 3),
-    _Tile(128, 128, 8, 3, dropout=False),
-    _Tile(128, 128, 8, 2, dropout=False),
-    _Tile(128, 64, 4, 4, max_block_d=64, dropout=False),
-    _Tile(128, 32, 4, 4),
-    _Tile(64, 64, 4, 4),
-    _Tile(64, 128, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 32, 4, 3),
-    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
-# dK/dV: BLOCK_N key rows are owned by a program, BLOCK_M query rows are streamed.
-_DKDV_TABLE = [
-    _Tile(64, 128, 8, 2, max_block_d=64, dropout=False),
-    _Tile(64, 128, 8, 3, max_block_d=64, dropout=False),
-    _Tile(32, 128, 8, 3),
-    _Tile(32, 128, 8, 2),
-    _Tile(64, 64, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 64, 4, 2, max_block_d=64, dropout=False),
-    _Tile(32, 64, 4, 3),
-    _Tile(32, 64, 4, 2),
-    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
-# dQ: BLOCK_M query rows are owned by a program, BLOCK_N key rows are streamed.
-_DQ_TABLE = [
-    _Tile(128, 64, 8, 2),
-    _Tile(128, 64, 8, 3),
-    _Tile(128, 32, 8, 3),
-    _Tile(128, 32, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 64, 4, 3),
-    _Tile(64, 32, 4, 3),
-    _Tile(128, 128, 8, 2, max_block_d=64, dropout=False),
-    _Tile(32, 32, 4, 2, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
+    def max_block_d(self, draw: int) -> int:
+        return max(self.d, self.d_grouped, self.d_element) if draw == DRAW_NONE else \
+            self.d_grouped if draw == DRAW_GROUPED else self.d_element
 
 
 class _Tuning(NamedTuple):
-    """The candidate tiles of one autotuned kernel and which tile side is which."""
+    """The candidate tiles of one autotuned kernel, per architecture (80: Ampere and Ada's
+    mma.sync; 90: Hopper's wgmma), and which tile side is which."""
 
-    table: list[_Tile]
+    tables: dict[int, list[_Tile]]
     owned: str  # the _Tile field of the rows one program owns (its grid axis)
     streamed: str  # the _Tile field of the rows its loop streams
 
 
-_FWD_TUNING = _Tuning(_FWD_TABLE, "block_m", "block_n")
-_DKDV_TUNING = _Tuning(_DKDV_TABLE, "block_n", "block_m")
-_DQ_TUNING = _Tuning(_DQ_TABLE, "block_m", "block_n")
+def _configs(tuning: _Tuning) -> list[triton.Config]:
+    if _INTERPRET:
+        # The interpreter executes programs in numpy: one small tile keeps tests quick.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = {}
+    for table in tuning.tables.values():
+        for t in table:
+            tiles.setdefault(_tile_key(t), t)
+    return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps,
+                          num_stages=t.stages, maxnreg=t.options()["maxnreg"])
+            for t in tiles.values()]
 
 
-def pickable_tiles(tuning: _Tuning, *, fp32: bool, bucket: int, block_d: int,
-                   dropout: bool) -> list[_Tile]:
-    """The tiles of ``tuning`` worth trying for a problem, the expected winner first.
+def _tile_key(t: _Tile) -> tuple:
+    return t.block_m, t.block_n, t.warps, t.stages, t.options()["maxnreg"]
 
-    Tiles that would spill (past ``max_block_d``, dropout where it does not fit) or serve the
-    other precision never qualify; tiles much longer than the longest sequence (``bucket``) only
-    add masked work, unless nothing shorter fits. The GPU compile test applies this same rule
-    to decide which tiles must compile without spilling.
+
+def _arch(device: torch.device) -> int:
+    """The tile table for ``device``: 90 from Hopper on, else 80."""
+    return _arch_of_index(device.index if device.index is not None else
+                          torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of_index(index: int) -> int:
+    return 90 if torch.cuda.get_device_capability(index)[0] >= 9 else 80
+
+
+# Each table lists the expected winner first: ROBERTA_FAST_AUTOTUNE=0 and CUDA graph captures
+# take the first tile that fits. Hopper (90) favours 128-row query tiles with 8 warps (two
+# warpgroups); below 64 rows Triton falls back to mma.sync there. The per-element dropout draw
+# (Lmax % 4 != 0) needs the smallest tiles; the sm_80 tables (Ampere, Ada: operands in registers)
+# hold less than Hopper's, whose wgmma reads them from shared memory.
+_FWD_TUNING = _Tuning({
+    90: [
+        _Tile(128, 64, 8, 3, d=128, d_grouped=64),
+        _Tile(128, 128, 8, 3, d=64),
+        _Tile(128, 64, 8, 2, d=128, d_grouped=128),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=128, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 64, 4, 2, d=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 16, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(128, 64, 8, 3, d=64, d_grouped=64),
+        _Tile(128, 128, 8, 3, d=64),
+        _Tile(64, 64, 4, 3, d=128, d_grouped=64),
+        _Tile(128, 32, 8, 3, d=128, d_element=128),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_m", "block_n")
+# dK/dV: BLOCK_N key rows are owned by a program, BLOCK_M query rows are streamed.
+_DKDV_TUNING = _Tuning({
+    90: [
+        _Tile(64, 128, 8, 3, d=64),
+        _Tile(32, 128, 8, 3, d=128, d_grouped=64, d_element=64),
+        _Tile(32, 64, 4, 2, d=64, d_grouped=64, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(32, 128, 8, 3, d=64, d_element=64),
+        _Tile(32, 64, 4, 3, d=64, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_n", "block_m")
+# dQ: BLOCK_M query rows are owned by a program, BLOCK_N key rows are streamed.
+_DQ_TUNING = _Tuning({
+    90: [
+        _Tile(128, 64, 8, 3, d=128, d_grouped=64),
+        _Tile(128, 128, 8, 2, d=64),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=128, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(128, 64, 8, 3, d=64, d_grouped=64),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=64, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_m", "block_n")
+
+
+def pickable_tiles(tuning: _Tuning, *, arch: int, fp32: bool, bucket: int, block_d: int,
+                   draw: int) -> list[_Tile]:
+    """The tiles of ``tuning`` worth trying for a problem on ``arch``, the expected winner first.
+
+    Tiles that would spill (``block_d`` past the tile's limit for the dropout ``draw``) or serve
+    the other precision never qualify; tiles much longer than the longest sequence (``bucket``)
+    only add masked work, unless nothing shorter fits. The GPU compile test applies this same
+    rule to decide which tiles must compile without spilling.
     """
-    fits = [t for t in tuning.table
-            if t.fp32 == fp32 and block_d <= t.max_block_d and (t.dropout or not dropout)]
+    fits = [t for t in tuning.tables[arch]
+            if t.fp32 == fp32 and block_d <= t.max_block_d(draw)]
     if not fits:
         raise ValueError(f"attention: no tile for fp32={fp32}, BLOCK_D={block_d}, "
-                         f"dropout={dropout}")
+                         f"dropout draw {draw} on sm_{arch}")
     kept = [t for t in fits if getattr(t, tuning.owned) <= max(bucket, 64)
             and getattr(t, tuning.streamed) <= max(bucket, 32)]
     return kept or [min(fits, key=lambda t: t.block_m * t.block_n)]
 
 
 def _config_key(c: triton.Config) -> tuple:
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
 
 
 def _prune(tuning: _Tuning):
@@ -170,10 +238,12 @@ def _prune(tuning: _Tuning):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        tiles = pickable_tiles(tuning, fp32=args["Q"].dtype == torch.float32,
-                               bucket=args["SEQ_BUCKET"], block_d=args["BLOCK_D"],
-                               dropout=bool(args["DROPOUT"]))
-        wanted = {(t.block_m, t.block_n, t.warps, t.stages) for t in tiles}
+        draw = DRAW_NONE if not args["DROPOUT"] else \
+            DRAW_GROUPED if args["DROP_ALIGNED4"] else DRAW_ELEMENT
+        tiles = pickable_tiles(tuning, arch=_arch(args["Q"].device),
+                               fp32=args["Q"].dtype == torch.float32, bucket=args["SEQ_BUCKET"],
+                               block_d=args["BLOCK_D"], draw=draw)
+        wanted = {_tile_key(t) for t in tiles}
         return [c for c in configs if _config_key(c) in wanted]
 
     return {"early_config_prune": prune}
@@ -318,7 +388,7 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_bas
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_FWD_TUNING), key=_TUNE_KEY,
                   prune_configs_by=_prune(_FWD_TUNING))
 @triton.jit
 def _attn_fwd_kernel(
@@ -499,7 +569,7 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TABLE), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_DKDV_TUNING), key=_TUNE_KEY,
                   prune_configs_by=_prune(_DKDV_TUNING))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -609,7 +679,7 @@ def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kp
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_TABLE), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_DQ_TUNING), key=_TUNE_KEY,
                   prune_configs_by=_prune(_DQ_TUNING))
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -799,11 +869,16 @@ class _Layout:
     def grid(self, block: str):
         return lambda meta: (triton.cdiv(self.lmax, meta[block]), self.heads, self.batch)
 
+    def draw(self, dropout: bool) -> int:
+        """The dropout draw: Lmax % 4 == 0 puts every row on a Philox counter boundary."""
+        if not dropout:
+            return DRAW_NONE
+        return DRAW_GROUPED if self.lmax % 4 == 0 else DRAW_ELEMENT
+
     def constexprs(self, dropout: bool) -> dict:
-        # Lmax % 4 == 0 puts every dropout row on a Philox counter boundary (_keep_rows).
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, EVEN_D=self.even_d,
                     VARLEN=self.varlen, KEY_MASK=self.key_mask, DROPOUT=dropout,
-                    DROP_ALIGNED4=dropout and self.lmax % 4 == 0, DOT_PREC=self.dot_prec)
+                    DROP_ALIGNED4=self.draw(dropout) == DRAW_GROUPED, DOT_PREC=self.dot_prec)
 
 
 # Autotuning keys (kernel, dtype, constexprs) the autotuner has already settled, in this process.
@@ -829,10 +904,9 @@ def _launch(kernel, tuning: _Tuning, lay: _Layout, grid_block: str, dtype: torch
         kernel[grid](*args, **constexprs)
         _TUNED.add(key)
         return
-    tile = pickable_tiles(tuning, fp32=dtype == torch.float32, bucket=lay.bucket,
-                          block_d=lay.block_d, dropout=dropout)[0]
-    kernel.fn[grid](*args, **constexprs, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                    num_warps=tile.warps, num_stages=tile.stages)
+    tile = pickable_tiles(tuning, arch=_arch(args[0].device), fp32=dtype == torch.float32,
+                          bucket=lay.bucket, block_d=lay.block_d, draw=lay.draw(dropout))[0]
+    kernel.fn[grid](*args, **constexprs, **tile.options())
 
 
 def _check_dropout(dropout_p: float, seed: torch.Tensor | None) -> bool:
