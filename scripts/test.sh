@@ -21,6 +21,7 @@ bash scripts/check_cuda_bindings.sh
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 "$PY" -m pytest tests "$@"
+bash scripts/test_triton.sh  # the GPU compile of every Triton kernel, on Triton 3.6 as well
 
 # The Hugging Face integration against the oldest supported transformers releases as well
 # (ROBERTA_FAST_TRANSFORMERS="" skips this; a list of versions replaces the default ones).

@@ -5,6 +5,7 @@ one tile size of 16). Tests marked ``gpu`` run RoBERTa-sized problems in fp16/bf
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -318,10 +319,105 @@ def test_dropout_mask_statistics_and_seeds(triton_device):
     assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
 
 
-@pytest.mark.parametrize("padding", ["right", "holes"])
-def test_triton_dropout_matches_reference_fed_the_mask(poisoned, padding):
+# The numbers of uniform_words(), which follows csrc/common/philox.h step by step.
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+
+
+def _philox_words(seed: int, counters: np.ndarray) -> list[np.ndarray]:
+    """Philox4x32-10 of ``counters`` (uint64) under ``seed``: the four uint32 words."""
+    low = np.uint64(0xFFFFFFFF)
+    c0, c1 = counters & low, counters >> np.uint64(32)
+    c2 = c3 = np.zeros_like(counters)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    round_a, round_b = (np.uint64(x) for x in _PHILOX_ROUND)
+    for _ in range(10):
+        prod_b, prod_a = round_b * c2, round_a * c0  # < 2**64: exact in uint64
+        c0, c2 = (prod_b >> np.uint64(32)) ^ c1 ^ k0, (prod_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = prod_b & low, prod_a & low
+        k0 = (k0 + np.uint64(_PHILOX_KEY[0])) & low
+        k1 = (k1 + np.uint64(_PHILOX_KEY[1])) & low
+    return [c0, c1, c2, c3]
+
+
+def _contract_mask(seed: int, batch: int, heads: int, lmax: int, p: float) -> torch.Tensor:
+    """The attention dropout contract written out: element (b, h, i, j) has offset
+    o = ((b * heads + h) * Lmax + i) * Lmax + j and is kept iff the uniform float of word o & 3
+    of Philox counter o >> 2 is > p."""
+    offsets = np.arange(batch * heads * lmax * lmax, dtype=np.uint64)
+    words = _philox_words(seed, offsets >> np.uint64(2))
+    pick = (offsets & np.uint64(3)).astype(np.int64)
+    bits = np.choose(pick, words).astype(np.uint32).view(np.int32)
+    folded = np.where(bits < 0, ~bits, bits)
+    uniform = folded.astype(np.float32) * np.float32(4.6566127342e-10)
+    keep = uniform > np.float32(p)
+    return torch.from_numpy(keep.reshape(batch, heads, lmax, lmax))
+
+
+@pytest.mark.parametrize("seqlen", [7, 36, 37])
+def test_dropout_mask_follows_the_contract(triton_device, seqlen):
+    batch, heads, p = 2, 3, 0.3
+    seed = new_seed(triton_device)
+    got = kernels.dropout_mask(seed, batch, heads, seqlen, p).cpu()
+    assert torch.equal(got, _contract_mask(int(seed.item()), batch, heads, seqlen, p))
+
+
+def _one_hot(batch, seqlen, heads, head_dim, device):
+    """``[B, L, heads, D]`` (D >= L) whose token t is the unit vector e_t in every head."""
+    eye = torch.eye(seqlen, head_dim, device=device)
+    return eye[None, :, None, :].expand(batch, seqlen, heads, head_dim).contiguous()
+
+
+# Lmax % 4 == 0 runs the one-Philox-call-per-four-elements path, other lengths the per-element one.
+@pytest.mark.parametrize("layout,lengths", [("padded", [7, 3]), ("padded", [36, 20]),
+                                            ("padded", [97, 60]), ("varlen", [7, 2]),
+                                            ("varlen", [20, 36, 1]), ("varlen", [40, 97])],
+                         ids=lambda x: x if isinstance(x, str) else f"Lmax{max(x)}")
+def test_triton_dropout_is_dropout_mask(poisoned, layout, lengths):
+    """The kernels' dropout element by element: with q = 0 every real key gets weight 1 / n,
+    and V = (e_j)_j puts probability (i, j) in out[i, j]; dO = (e_i)_i puts it in dV[j, i]."""
+    dev, heads, p = poisoned, 2, 0.3
+    lmax, batch = max(lengths), len(lengths)
+    head_dim = lmax if lmax % 2 == 0 else lmax + 1  # >= Lmax, and odd dims go through padding
+    real = _mask_from_lengths(lengths, lmax, dev)
+    q = torch.zeros(batch, lmax, heads, head_dim, device=dev)
+    k = randn(batch, lmax, heads, head_dim, device=dev)
+    v, grad_out = _one_hot(batch, lmax, heads, head_dim, dev), _one_hot(batch, lmax, heads,
+                                                                         head_dim, dev)
+    if layout == "padded":
+        kwargs = dict(mask=real)
+    else:
+        q, k, v, grad_out = (t[real] for t in (q, k, v, grad_out))
+        kwargs = dict(cu=_cu_seqlens(lengths, dev), max_seqlen=lmax)
+    seed = new_seed(dev)
+    out, (dq, dk, dv) = _triton(q, k, v, grad_out, p=p, seed=seed, **kwargs)
+    if layout == "varlen":
+        out, dv = (_pad_packed(t, lengths, lmax) for t in (out, dv))
+    drop = kernels.dropout_mask(seed, batch, heads, lmax, p)
+    both_real = real[:, None, :, None] & real[:, None, None, :]  # [B, 1, i, j]
+    expect = drop & both_real
+    # out[b, i, h, j] = keep / (n (1 - p)) and dV[b, j, h, i] = the same for real i and j.
+    assert torch.equal(out[..., :lmax].permute(0, 2, 1, 3) > 0, expect)
+    assert torch.equal(dv[..., :lmax].permute(0, 2, 3, 1) > 0, expect)
+    n = real.sum(1).to(out.dtype)[:, None, None, None]
+    scaled = expect.to(out.dtype) / (n * (1 - p))
+    assert torch.allclose(out[..., :lmax].permute(0, 2, 1, 3), scaled, rtol=1e-6, atol=0)
+    # dQ: its own kernel and its own dropout draws, checked against the reference fed the mask
+    # (one wrong element moves it by about 1e-3 here).
+    if layout == "padded":
+        def reference(*x):
+            return forward_native(*x, key_padding_mask=real, dropout_mask=drop, dropout_p=p)
+    else:
+        def reference(*x):
+            return varlen_forward_native(*x, kwargs["cu"], dropout_mask=drop, dropout_p=p)
+    ref_dq = _grads(reference, (q, k, v), grad_out, F64)[1][0]
+    assert rel_err(dq, ref_dq) < 1e-5
+
+
+@pytest.mark.parametrize("padding,seqlen", [("right", 37), ("holes", 36)])
+def test_triton_dropout_matches_reference_fed_the_mask(poisoned, padding, seqlen):
     dev = poisoned
-    batch, seqlen, heads, head_dim, p = 2, 37, 2, 32, 0.2
+    batch, heads, head_dim, p = 2, 2, 32, 0.2
     q, k, v, grad_out = (randn(batch, seqlen, heads, head_dim, device=dev) for _ in range(4))
     mask = _mask(padding, batch, seqlen, dev)
     seed = new_seed(dev)
@@ -456,6 +552,32 @@ def test_cpu_and_reference_dropout(backend):
     assert abs(kept - (1 - p)) <= binomial_bound(batch * heads * seqlen * seqlen, 1 - p)
 
 
+# q . k of a NaN key is NaN before the mask replaces it: numpy says so in the interpreter.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
+def test_nan_in_padded_keys_and_values_stays_out_of_real_rows(backend, triton_device):
+    dev = triton_device if backend == "triton" else "cpu"
+    batch, seqlen, heads, head_dim = 3, 37, 2, 32  # padding inside full key tiles too
+    q, k, v, grad_out = (randn(batch, seqlen, heads, head_dim, device=dev) for _ in range(4))
+    mask = _mask("holes", batch, seqlen, dev)  # the last sequence is all padding
+    mask[1, seqlen // 2:] = False
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[~mask] = float("nan")
+    v_bad[~mask] = float("inf")
+    v_bad[~mask & (torch.arange(seqlen, device=dev) % 2 == 0)] = float("nan")
+
+    def run(*x):
+        return attention(*x, key_padding_mask=mask)
+
+    with roberta_fast.use_backend(backend):
+        clean = _grads(run, (q, k, v), grad_out, q.dtype)
+        dirty = _grads(run, (q, k_bad, v_bad), grad_out, q.dtype)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (clean[0], *clean[1]), (dirty[0], *dirty[1])):
+        assert torch.isfinite(b).all(), f"{backend} {name}: non-finite values"
+        assert torch.equal(a, b), f"{backend} {name}: padded keys changed real results"
+    assert (dirty[0][~mask] == 0).all() and (dirty[1][1][~mask] == 0).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
@@ -511,6 +633,60 @@ def test_attention_varlen_bad_input(case):
     with roberta_fast.use_backend("reference"):
         with pytest.raises(exc, match=match):
             attention_varlen(*args)
+
+
+class _FakeAutotuner:
+    """Stands in for a triton.autotune kernel: records which way ``_launch`` launched it."""
+
+    def __init__(self, calls):
+        self.base_fn = test_launch_tunes_unless_off_or_capturing
+        self.fn = self
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            # The autotuner adds the tile itself; an untuned launch passes one.
+            self.calls.append("untuned" if "BLOCK_M" in kwargs else "tuned")
+            if "BLOCK_M" in kwargs:
+                self.calls.append({k: kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps",
+                                                          "num_stages", "maxnreg")})
+        return launch
+
+
+def test_launch_tunes_unless_off_or_capturing(monkeypatch):
+    """Tuning times every candidate with device syncs: skipped with ROBERTA_FAST_AUTOTUNE=0, and
+    while a CUDA graph is captured unless the problem was tuned before (launch logic only)."""
+    capturing = [False]
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "_TUNED", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
+    q = torch.empty(2, 100, 2, 64, dtype=torch.bfloat16)
+    lay = kernels._Layout(q, torch.ones(2, 100, dtype=torch.bool), None, 100)
+    first = kernels.pickable_tiles(kernels._DKDV_TUNING, arch=90, fp32=False, bucket=lay.bucket,
+                                   block_d=64, draw=kernels.DRAW_GROUPED)[0]
+    expect = first.options()
+    calls = []
+
+    class CudaArg:
+        is_cuda = True
+        device = "cuda"
+
+    def launch():
+        kernels._launch(_FakeAutotuner(calls), kernels._DKDV_TUNING, lay, "BLOCK_N",
+                        torch.bfloat16, True, (CudaArg(),))
+        return calls.pop(0)
+
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
+    assert launch() == "untuned" and calls.pop() == expect
+    monkeypatch.delenv(kernels.AUTOTUNE_ENV)
+    capturing[0] = True
+    assert launch() == "untuned" and calls.pop() == expect  # never tuned: no timing runs now
+    capturing[0] = False
+    assert launch() == "tuned"
+    capturing[0] = True
+    assert launch() == "tuned"  # tuned before: the autotuner's cached choice, no timing runs
+    assert not calls
 
 
 def test_triton_backend_rejects_what_it_cannot_run(triton_device):
@@ -1067,3 +1243,86 @@ def test_gpu_triton_varlen_and_dropout(dtype, monkeypatch):
     ref = _grads(reference, (q, k, v), grad_out, F64)
     base = _grads(reference, (q, k, v), grad_out, dtype)
     _check_all(f"gpu varlen dropout {dtype}", got, ref, base, dtype)
+
+
+def _untuned(monkeypatch):
+    """Forget every autotuning result of this process, as if no attention had run yet."""
+    monkeypatch.setattr(kernels, "_TUNED", set())
+    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel,
+                   kernels._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "cache", {})
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_off_never_runs_the_autotuner(monkeypatch):
+    _untuned(monkeypatch)
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
+    q, k, v, grad_out = (randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+                         for _ in range(4))
+    mask = _mask("right", 2, 300, "cuda")
+    got = _triton(q, k, v, grad_out, mask=mask, p=0.1, seed=new_seed("cuda"))
+    assert all(torch.isfinite(t).all() for t in (got[0], *got[1]))
+    for kernel in (kernels._attn_fwd_kernel, kernels._attn_bwd_dkdv_kernel,
+                   kernels._attn_bwd_dq_kernel):
+        assert not kernel.cache, f"{kernel.base_fn.__name__} was autotuned"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_of_forward_and_backward(monkeypatch):
+    """Captured before any attention ran (no tuning, no compiled kernel yet), replayed on new
+    inputs: the same results as the eager ops with the same dropout seed."""
+    _untuned(monkeypatch)
+    batch, seqlen, heads, head_dim, p = 3, 200, 4, 64, 0.1
+    dtype, scale = torch.bfloat16, head_dim ** -0.5
+    mask = _mask("holes", batch, seqlen, "cuda")
+    seed = new_seed("cuda")
+    static = [randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype,
+                    requires_grad=True) for _ in range(3)]
+    static_grad_out = randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+    fwd = torch.ops.roberta_fast.attention_triton_fwd
+    # Autograd's own lazy set-up (its device thread) happens outside the capture.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm = torch.ones(2, device="cuda", requires_grad=True)
+        (warm * 2).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fwd(*static, mask, None, seqlen, scale, p, seed)[0]
+        static_grads = torch.autograd.grad(static_out, static, static_grad_out)
+
+    for _ in range(2):
+        inputs = [randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+                  for _ in range(4)]
+        with torch.no_grad():
+            for dst, src in zip((*static, static_grad_out), inputs):
+                dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = _triton(*inputs, mask=mask, p=p, seed=seed)
+        drop = kernels.dropout_mask(seed, batch, heads, seqlen, p)
+
+        def reference(*x):
+            return forward_native(*x, key_padding_mask=mask, dropout_mask=drop, dropout_p=p)
+
+        ref = _grads(reference, inputs[:3], inputs[3], torch.float32)
+        base = _grads(reference, inputs[:3], inputs[3], dtype)
+        _check_all("graph", (static_out, static_grads), ref, base, dtype)
+        for a, b in zip((static_out, *static_grads), (eager[0], *eager[1])):
+            assert rel_err(a, b) < 1e-2  # the eager call may tune to another tile
+
+
+@pytest.mark.gpu
+def test_gpu_triton_on_a_device_that_is_not_current(monkeypatch):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NOT RUN: needs two CUDA devices")
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
+    monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
+    assert torch.cuda.current_device() == 0
+    q, k, v, grad_out = (randn(2, 77, 3, 64, device="cuda:1", dtype=torch.bfloat16)
+                         for _ in range(4))
+    mask = _mask("right", 2, 77, "cuda:1")
+    _gpu_compare(q, k, v, grad_out, mask, "triton")
+    assert torch.cuda.current_device() == 0

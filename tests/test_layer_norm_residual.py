@@ -493,3 +493,17 @@ def test_gpu_torch_compile_inductor():
     m.eval()
     assert rel_err(compiled(x, r), F.layer_norm(x + r, (768,), m.weight, m.bias, m.eps)) < 1e-5
 
+
+
+@pytest.mark.gpu
+def test_gpu_triton_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NOT RUN: needs two CUDA devices")
+    assert torch.cuda.current_device() == 0
+    x, r, w, b = _inputs(97, 768, torch.bfloat16, "cuda:1")
+    _check_against_reference(x, r, w, b, "triton")
+    with roberta_fast.use_backend("triton"):
+        y = ops.fused_residual_layer_norm(x, r, w, b, EPS, dropout_p=0.1, training=True)
+    dx, = _grads(y, (x,), torch.ones_like(y))
+    assert torch.isfinite(dx).all() and (dx == 0).any()
+    assert torch.cuda.current_device() == 0

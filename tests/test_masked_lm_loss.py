@@ -651,3 +651,14 @@ def test_gpu_bad_label_is_nan_by_default_and_an_error_in_check_mode(monkeypatch)
             monkeypatch.setenv("ROBERTA_FAST_CHECK_LABELS", "1")
             with pytest.raises(ValueError, match="outside"):
                 masked_lm_loss(hidden, weight, bias, labels)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_on_a_device_that_is_not_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NOT RUN: needs two CUDA devices")
+    assert torch.cuda.current_device() == 0
+    hidden, weight, bias, labels = make_inputs((4, 32), 128, 5000, torch.bfloat16, "cuda:1",
+                                               labelled=0.3)
+    check_against_reference("triton", hidden, weight, bias, labels, torch.bfloat16)
+    assert torch.cuda.current_device() == 0

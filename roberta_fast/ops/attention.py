@@ -227,6 +227,13 @@ def _sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen
     return out.view(batch * max_seqlen, heads, head_dim)[rows]
 
 
+def _zero_padded_keys(k: Tensor, v: Tensor, key_padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``k`` and ``v`` with the rows of padded tokens set to 0, so that a NaN or inf there
+    cannot reach real rows (a zero probability times NaN is NaN; so is a masked multiply)."""
+    real = key_padding_mask[:, :, None, None]
+    return torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------
@@ -394,9 +401,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     if backend in ("triton", "cuda"):
         return _run_kernels(q, k, v, key_padding_mask, None, q.shape[1], dropout_p, scale,
                             backend)
+    if backend == "cpu" and _cpu_kernel_usable(q):  # reads only real keys: needs no zeroing
+        return _run_cpu_kernel(q, k, v, key_padding_mask, None, q.shape[1], dropout_p, scale)
+    if key_padding_mask is not None:
+        k, v = _zero_padded_keys(k, v, key_padding_mask)
     if backend == "cpu":
-        if _cpu_kernel_usable(q):
-            return _run_cpu_kernel(q, k, v, key_padding_mask, None, q.shape[1], dropout_p, scale)
         return _sdpa_padded(q, k, v, key_padding_mask, dropout_p, scale)
     if backend == "reference":
         drop = None

@@ -18,19 +18,24 @@ Dropout (shared RNG contract, csrc/common/philox.h): element ``(b, h, i, j)`` ha
 offset ``o = ((b * heads + h) * Lmax + i) * Lmax + j``, where ``Lmax`` is ``L`` (padded) or
 ``max_seqlen`` (varlen), and is kept iff the uniform float of word ``o & 3`` of
 ``tl.randint4x(seed, o >> 2)`` is > p -- the rule of the LayerNorm kernels and of the CPU and CUDA
-code; kept values are scaled by ``1 / (1 - p)``.
+code; kept values are scaled by ``1 / (1 - p)``. When ``Lmax % 4 == 0`` every row of offsets
+starts on a counter, and one Philox call serves four consecutive keys (``_keep_rows``); other
+``Lmax`` draw per element, four times the work, which only the smaller tiles hold in registers.
 The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
 
 The functions here are plain launchers with no autograd; ``roberta_fast.ops.attention`` wraps them.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import launch_context
 
 __all__ = ["attention_fwd", "attention_bwd", "dropout_mask", "MAX_HEAD_DIM"]
 
@@ -48,114 +53,203 @@ AUTOTUNE_ENV = "ROBERTA_FAST_AUTOTUNE"
 # Read once, as triton.jit does: it decides between compiled and interpreted kernels.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Rows per program of the backward's delta kernel, elements per program of dropout_mask (GPU).
+DELTA_BLOCK_M = 16 if _INTERPRET else 64
+DROPOUT_MASK_BLOCK = 1024
+
 
 # --------------------------------------------------------------------------------------------
 # Autotuning configurations
 # --------------------------------------------------------------------------------------------
 
-class _Tile(NamedTuple):
-    """One autotuning candidate and where it is worth trying.
+MAXNREG = 255
 
-    ``max_block_d`` and ``dropout`` record where the tile stops fitting in registers (ptxas -v
-    for sm_90a reports spills beyond them; dropout's in-register Philox draws cost about 40
-    registers per thread). ``fp32`` tiles serve fp32 inputs only: exact fp32 dots run on FMA
-    units with far larger register footprints, so those need small tiles, which in turn would
-    starve the tensor cores for fp16/bf16.
+# Dropout draws, lightest first: none; one Philox call per four elements (rows on counter
+# boundaries: Lmax % 4 == 0); a Philox call per element (any other Lmax).
+DRAW_NONE, DRAW_GROUPED, DRAW_ELEMENT = 0, 1, 2
+
+
+class _Tile(NamedTuple):
+    """One autotuning candidate and the head dims it takes without spilling registers.
+
+    ``d``, ``d_grouped`` and ``d_element`` are the largest BLOCK_D the tile takes with no
+    dropout, with the grouped draw and with the per-element draw (0: never), as the cubins for
+    the table's architecture show (cuobjdump -res-usage); tests/test_triton_compile.py compiles
+    every tile at each of its limits and fails on a spill. ``fp32`` tiles serve fp32 inputs only:
+    exact fp32 dots run on FMA units with far larger register footprints, so those need small
+    tiles, which in turn would starve the tensor cores for fp16/bf16.
     """
 
     block_m: int
     block_n: int
     warps: int
     stages: int
-    max_block_d: int = 128
-    dropout: bool = True
+    d: int = 128
+    d_grouped: int = 0
+    d_element: int = 0
     fp32: bool = False
 
+    def options(self) -> dict:
+        """Launch options: the tile, and for fp16/bf16 tiles 255 registers per thread allowed.
 
-def _configs(table: list[_Tile]) -> list[triton.Config]:
+        Left alone, ptxas aims at several blocks per SM (128 registers per thread at 8 warps,
+        168 at 4 with the ptxas of Triton 3.6) and spills to get there; these tiles are sized to
+        live in registers. The fp32 tiles measured better left to ptxas (``.maxnreg 255`` made
+        some spill).
+        """
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.warps,
+                    num_stages=self.stages, maxnreg=None if self.fp32 else MAXNREG)
+
+    def max_block_d(self, draw: int) -> int:
+        return max(self.d, self.d_grouped, self.d_element) if draw == DRAW_NONE else \
+            self.d_grouped if draw == DRAW_GROUPED else self.d_element
+
+
+class _Tuning(NamedTuple):
+    """The candidate tiles of one autotuned kernel, per architecture (80: Ampere and Ada's
+    mma.sync; 90: Hopper's wgmma), and which tile side is which."""
+
+    tables: dict[int, list[_Tile]]
+    owned: str  # the _Tile field of the rows one program owns (its grid axis)
+    streamed: str  # the _Tile field of the rows its loop streams
+
+
+def _configs(tuning: _Tuning) -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter executes programs in numpy: one small tile keeps tests quick.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = {}
+    for table in tuning.tables.values():
+        for t in table:
+            tiles.setdefault(_tile_key(t), t)
     return [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.warps,
-                          num_stages=t.stages) for t in table]
+                          num_stages=t.stages, maxnreg=t.options()["maxnreg"])
+            for t in tiles.values()]
 
 
-# Hopper favours 128-row query tiles with 8 warps (two warpgroups); 64-row tiles win for short
-# sequences, where 128-row tiles would leave SMs idle.
-_FWD_TABLE = [
-    _Tile(128, 64, 8, 3),
-    _Tile(128, 128, 8, 3, dropout=False),
-    _Tile(128, 128, 8, 2, dropout=False),
-    _Tile(128, 64, 4, 4, max_block_d=64, dropout=False),
-    _Tile(128, 32, 4, 4),
-    _Tile(64, 64, 4, 4),
-    _Tile(64, 128, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 32, 4, 3),
-    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
+def _tile_key(t: _Tile) -> tuple:
+    return t.block_m, t.block_n, t.warps, t.stages, t.options()["maxnreg"]
+
+
+def _arch(device: torch.device) -> int:
+    """The tile table for ``device``: 90 from Hopper on, else 80."""
+    return _arch_of_index(device.index if device.index is not None else
+                          torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of_index(index: int) -> int:
+    return 90 if torch.cuda.get_device_capability(index)[0] >= 9 else 80
+
+
+# Each table lists the expected winner first: ROBERTA_FAST_AUTOTUNE=0 and CUDA graph captures
+# take the first tile that fits. Hopper (90) favours 128-row query tiles with 8 warps (two
+# warpgroups); below 64 rows Triton falls back to mma.sync there. The per-element dropout draw
+# (Lmax % 4 != 0) needs the smallest tiles; the sm_80 tables (Ampere, Ada: operands in registers)
+# hold less than Hopper's, whose wgmma reads them from shared memory.
+_FWD_TUNING = _Tuning({
+    90: [
+        _Tile(128, 64, 8, 3, d=128, d_grouped=64),
+        _Tile(128, 128, 8, 3, d=64),
+        _Tile(128, 64, 8, 2, d=128, d_grouped=128),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=128, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 64, 4, 2, d=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 16, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(128, 64, 8, 3, d=64, d_grouped=64),
+        _Tile(128, 128, 8, 3, d=64),
+        _Tile(64, 64, 4, 3, d=128, d_grouped=64),
+        _Tile(128, 32, 8, 3, d=128, d_element=128),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_m", "block_n")
 # dK/dV: BLOCK_N key rows are owned by a program, BLOCK_M query rows are streamed.
-_DKDV_TABLE = [
-    _Tile(64, 128, 8, 2, max_block_d=64, dropout=False),
-    _Tile(64, 128, 8, 3, max_block_d=64, dropout=False),
-    _Tile(32, 128, 8, 3),
-    _Tile(32, 128, 8, 2),
-    _Tile(64, 64, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 64, 4, 2, max_block_d=64, dropout=False),
-    _Tile(32, 64, 4, 3),
-    _Tile(32, 64, 4, 2),
-    _Tile(32, 32, 4, 2, max_block_d=64, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
+_DKDV_TUNING = _Tuning({
+    90: [
+        _Tile(64, 128, 8, 3, d=64),
+        _Tile(32, 128, 8, 3, d=128, d_grouped=64, d_element=64),
+        _Tile(32, 64, 4, 2, d=64, d_grouped=64, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(32, 128, 8, 3, d=64, d_element=64),
+        _Tile(32, 64, 4, 3, d=64, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_n", "block_m")
 # dQ: BLOCK_M query rows are owned by a program, BLOCK_N key rows are streamed.
-_DQ_TABLE = [
-    _Tile(128, 64, 8, 2),
-    _Tile(128, 64, 8, 3),
-    _Tile(128, 32, 8, 3),
-    _Tile(128, 32, 4, 3, max_block_d=64, dropout=False),
-    _Tile(64, 64, 4, 3),
-    _Tile(64, 32, 4, 3),
-    _Tile(128, 128, 8, 2, max_block_d=64, dropout=False),
-    _Tile(32, 32, 4, 2, fp32=True),
-    _Tile(16, 32, 4, 2, fp32=True),
-]
+_DQ_TUNING = _Tuning({
+    90: [
+        _Tile(128, 64, 8, 3, d=128, d_grouped=64),
+        _Tile(128, 128, 8, 2, d=64),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=128, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+    80: [
+        _Tile(128, 64, 8, 3, d=64, d_grouped=64),
+        _Tile(128, 32, 8, 3, d=128, d_grouped=64, d_element=64),
+        _Tile(64, 32, 4, 2, d=128, d_grouped=128, d_element=64),
+        _Tile(32, 32, 4, 2, d=128, d_grouped=128, d_element=128),
+        _Tile(32, 32, 4, 2, d=64, d_grouped=64, d_element=64, fp32=True),
+        _Tile(16, 32, 4, 2, d=128, d_grouped=128, d_element=128, fp32=True),
+    ],
+}, "block_m", "block_n")
 
 
-def _prune(owned: str, streamed: str, table: list[_Tile]):
-    """Drop configurations that cannot help for this problem before tuning compiles them."""
+def pickable_tiles(tuning: _Tuning, *, arch: int, fp32: bool, bucket: int, block_d: int,
+                   draw: int) -> list[_Tile]:
+    """The tiles of ``tuning`` worth trying for a problem on ``arch``, the expected winner first.
+
+    Tiles that would spill (``block_d`` past the tile's limit for the dropout ``draw``) or serve
+    the other precision never qualify; tiles much longer than the longest sequence (``bucket``)
+    only add masked work, unless nothing shorter fits. The GPU compile test applies this same
+    rule to decide which tiles must compile without spilling.
+    """
+    fits = [t for t in tuning.tables[arch]
+            if t.fp32 == fp32 and block_d <= t.max_block_d(draw)]
+    if not fits:
+        raise ValueError(f"attention: no tile for fp32={fp32}, BLOCK_D={block_d}, "
+                         f"dropout draw {draw} on sm_{arch}")
+    kept = [t for t in fits if getattr(t, tuning.owned) <= max(bucket, 64)
+            and getattr(t, tuning.streamed) <= max(bucket, 32)]
+    return kept or [min(fits, key=lambda t: t.block_m * t.block_n)]
+
+
+def _config_key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.maxnreg
+
+
+def _prune(tuning: _Tuning):
+    """The autotuner's pruning hook: :func:`pickable_tiles` on the launch arguments."""
     if _INTERPRET:
         return None
-    tiles = {(t.block_m, t.block_n, t.warps, t.stages): t for t in table}
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        bucket = args["SEQ_BUCKET"]
-        block_d = args["BLOCK_D"]
-        dropout = bool(args["DROPOUT"])
-        fp32 = args["Q"].dtype == torch.float32
-        kept = []
-        for c in configs:
-            tile = tiles[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
-            if tile.fp32 != fp32 or block_d > tile.max_block_d or (dropout and not tile.dropout):
-                continue
-            # Tiles much longer than the longest sequence only add masked work.
-            if c.kwargs[owned] > max(bucket, 64) or c.kwargs[streamed] > max(bucket, 32):
-                continue
-            kept.append(c)
-        if not kept:  # the smallest tile of the right kind always fits
-            kept = [min((c for c in configs
-                         if tiles[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                   c.num_stages)].fp32 == fp32),
-                        key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        if os.environ.get(AUTOTUNE_ENV, "1") == "0":
-            # The table lists the expected winner first: skip the compile-and-time sweep.
-            return kept[:1]
-        return kept
+        draw = DRAW_NONE if not args["DROPOUT"] else \
+            DRAW_GROUPED if args["DROP_ALIGNED4"] else DRAW_ELEMENT
+        tiles = pickable_tiles(tuning, arch=_arch(args["Q"].device),
+                               fp32=args["Q"].dtype == torch.float32, bucket=args["SEQ_BUCKET"],
+                               block_d=args["BLOCK_D"], draw=draw)
+        wanted = {_tile_key(t) for t in tiles}
+        return [c for c in configs if _config_key(c) in wanted]
 
     return {"early_config_prune": prune}
 
 
-_TUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "VARLEN", "KEY_MASK", "DROPOUT"]
+_TUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "VARLEN", "KEY_MASK", "DROPOUT", "DROP_ALIGNED4"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,15 +257,15 @@ _TUNE_KEY = ["BLOCK_D", "SEQ_BUCKET", "VARLEN", "KEY_MASK", "DROPOUT"]
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+def _load_rows(ptrs, row_ok, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
                EVEN_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile; bounds masks only where the tile can leave the data."""
+    """Load a [rows, BLOCK_D] tile; rows where ``row_ok`` is False read as zeros when
+    ``CHECK_ROWS`` (masks only where the tile can leave the data or meet padding)."""
     if CHECK_ROWS:
         if EVEN_D:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
         else:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
-                        other=0.0)
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
         if EVEN_D:
             x = tl.load(ptrs)
@@ -182,11 +276,31 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: t
 
 @triton.jit
 def _keep(seed, offs, p_drop):
-    """Dropout decisions of the elements with int64 offsets ``offs`` (module docstring)."""
+    """Dropout decisions of the elements with int64 offsets ``offs`` (module docstring), one
+    Philox call per element."""
     r0, r1, r2, r3 = tl.randint4x(seed, offs >> 2)
     word = offs & 3
     bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
     return tl.uint_to_uniform_float(bits) > p_drop
+
+
+@triton.jit
+def _keep_rows(seed, row_offs, p_drop, BLOCK_N: tl.constexpr, ALIGNED4: tl.constexpr):
+    """Dropout decisions ``[rows, BLOCK_N]`` of the elements ``row_offs[:, None] + j`` (int64).
+
+    ``ALIGNED4``: every ``row_offs`` is a multiple of 4, so counters ``row_offs / 4 + c`` hold
+    the row's elements ``4c .. 4c + 3`` in word order: one Philox call per four elements, its
+    words interleaved into place. Otherwise each element draws its own counter's words.
+    """
+    if ALIGNED4:
+        counters = (row_offs >> 2)[:, None] + tl.arange(0, BLOCK_N // 4).to(tl.int64)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+        keep = tl.uint_to_uniform_float(bits) > p_drop
+    else:
+        keep = _keep(seed, row_offs[:, None] + tl.arange(0, BLOCK_N).to(tl.int64)[None, :],
+                     p_drop)
+    return keep
 
 
 @triton.jit
@@ -225,6 +339,16 @@ def _sequence(CU, KV_END, b, seq_len, VARLEN: tl.constexpr, KEY_MASK: tl.constex
     return tok0.to(tl.int64), seqlen, n_end
 
 
+@triton.jit
+def _key_ok(kpm_base, cols, n_end, KEY_MASK: tl.constexpr):
+    """Which keys ``cols`` are real: inside the sequence and, with a mask, not padding."""
+    if KEY_MASK:
+        ok = tl.load(kpm_base + cols, mask=cols < n_end, other=0) != 0
+    else:
+        ok = cols < n_end
+    return ok
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -234,18 +358,16 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_bas
                  lo, hi, n_end, qk_scale, p_drop, offs_n, offs_d,
                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  KEY_MASK: tl.constexpr, CHECK_N: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, n_end, offs_d,
+        key_ok = _key_ok(kpm_base, cols, n_end, KEY_MASK)
+        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols < n_end, offs_d,
                        HEAD_DIM, CHECK_N, EVEN_D)
         s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        if KEY_MASK:
-            real = tl.load(kpm_base + cols, mask=cols < n_end, other=0)
-            s = tl.where(real[None, :] != 0, s, float("-inf"))
-        elif CHECK_N:
-            s = tl.where(cols[None, :] < n_end, s, float("-inf"))
+        if KEY_MASK or CHECK_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; subtracting 0 instead keeps
         # exp2(-inf - -inf) from turning into NaN.
@@ -256,17 +378,18 @@ def _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_bas
         acc = acc * alpha[:, None]
         if DROPOUT:
             # The normaliser l_i counts every probability; only the PV product sees the mask.
-            keep = _keep(seed, drop_rows[:, None] + cols[None, :].to(tl.int64), p_drop)
+            keep = _keep_rows(seed, drop_rows + start_n, p_drop, BLOCK_N, DROP_ALIGNED4)
             p = tl.where(keep, p, 0.0)
-        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, n_end, offs_d,
-                       HEAD_DIM, CHECK_N, EVEN_D)
+        # Padded keys' rows of V read as zeros: their p is 0, but 0 * NaN would still be NaN.
+        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], key_ok, offs_d,
+                       HEAD_DIM, KEY_MASK or CHECK_N, EVEN_D)
         acc = _mma(p.to(v.dtype), v, acc, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE), key=_TUNE_KEY,
-                  prune_configs_by=_prune("BLOCK_M", "BLOCK_N", _FWD_TABLE))
+@triton.autotune(configs=_configs(_FWD_TUNING), key=_TUNE_KEY,
+                  prune_configs_by=_prune(_FWD_TUNING))
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KPM, KV_END, CU, SEED,
@@ -277,8 +400,9 @@ def _attn_fwd_kernel(
     stride_mb, stride_lb, stride_lh,
     num_heads, seq_len, Lmax, qk_scale, p_drop, keep_scale, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -308,7 +432,7 @@ def _attn_fwd_kernel(
     k_base = K + b64 * stride_kb + tok0 * stride_kt + h64 * stride_kh
     v_base = V + b64 * stride_vb + tok0 * stride_vt + h64 * stride_vh
     kpm_base = KPM + b64 * stride_mb
-    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
+    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m < seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
 
     if DROPOUT:
@@ -327,11 +451,11 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_base,
                                  drop_rows, seed, 0, n_full, n_end, qk_scale, p_drop, offs_n,
                                  offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, False, DROPOUT,
-                                 DOT_PREC)
+                                 DROP_ALIGNED4, DOT_PREC)
     acc, l_i, m_i = _fwd_kv_loop(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kpm_base,
                                  drop_rows, seed, n_full, n_end, n_end, qk_scale, p_drop, offs_n,
                                  offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, True, DROPOUT,
-                                 DOT_PREC)
+                                 DROP_ALIGNED4, DOT_PREC)
 
     row_ok = l_i > 0.0
     if KEY_MASK:
@@ -369,10 +493,10 @@ def _bwd_delta_kernel(O, DO, DELTA, CU,
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     o = _load_rows(O + b64 * stride_ob + tok0 * stride_ot + h64 * stride_oh
-                   + offs_m[:, None] * stride_ot + offs_d[None, :], offs_m, seqlen, offs_d,
+                   + offs_m[:, None] * stride_ot + offs_d[None, :], offs_m < seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
     do = _load_rows(DO + b64 * stride_dob + tok0 * stride_dot + h64 * stride_doh
-                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen, offs_d,
+                    + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m < seqlen, offs_d,
                     HEAD_DIM, True, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + tok0 + offs_m, delta, mask=offs_m < seqlen)
@@ -409,17 +533,18 @@ def _bwd_head_setup(Q, K, V, DO, LSE, DELTA, SEED, b64, h64, tok0,
 
 @triton.jit
 def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base, delta_base,
-                 drop_cols, seed, lo, hi, q_end, qk_scale, p_drop, keep_scale, Lmax, offs_m, offs_d,
+                 drop_base, seed, lo, hi, q_end, qk_scale, p_drop, keep_scale, Lmax, offs_m, offs_d,
                  HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 CHECK_M: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, DROPOUT: tl.constexpr,
+                 DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr):
     # Works on transposed tiles ([keys, queries]) so that dK and dV come out of plain dots.
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m
-        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], rows, q_end, offs_d,
+        q = _load_rows(q_base + rows[:, None] * stride_qt + offs_d[None, :], rows < q_end, offs_d,
                        HEAD_DIM, CHECK_M, EVEN_D)
-        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_d[None, :], rows, q_end, offs_d,
-                        HEAD_DIM, CHECK_M, EVEN_D)
+        do = _load_rows(do_base + rows[:, None] * stride_dot + offs_d[None, :], rows < q_end,
+                        offs_d, HEAD_DIM, CHECK_M, EVEN_D)
         if CHECK_M:
             # Rows past the end get LSE = +inf, hence probability 0.
             lse2 = tl.load(lse_base + rows, mask=rows < q_end, other=float("inf")) * LOG2E
@@ -431,7 +556,9 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = _mma(v, tl.trans(do), None, DOT_PREC)
         if DROPOUT:
-            keep = _keep(seed, drop_cols[:, None] + rows[None, :].to(tl.int64) * Lmax, p_drop)
+            # Offsets run along the keys (axis 0 here): drawn query-major, then transposed.
+            keep = tl.trans(_keep_rows(seed, drop_base + rows.to(tl.int64) * Lmax, p_drop,
+                                       BLOCK_N, DROP_ALIGNED4))
             pd_t = tl.where(keep, p_t * keep_scale, 0.0)
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
@@ -442,8 +569,8 @@ def _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TABLE), key=_TUNE_KEY,
-                  prune_configs_by=_prune("BLOCK_N", "BLOCK_M", _DKDV_TABLE))
+@triton.autotune(configs=_configs(_DKDV_TUNING), key=_TUNE_KEY,
+                  prune_configs_by=_prune(_DKDV_TUNING))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KPM, KV_END, CU, SEED,
@@ -456,8 +583,9 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_lb, stride_lh,
     num_heads, seq_len, Lmax, qk_scale, sm_scale, p_drop, keep_scale, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -488,27 +616,28 @@ def _attn_bwd_dkdv_kernel(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
         stride_lb, stride_lh, DROPOUT)
-    k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n, n_end, offs_d,
+    k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], offs_n < n_end, offs_d,
                    HEAD_DIM, True, EVEN_D)
-    v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n, n_end, offs_d,
+    v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n < n_end, offs_d,
                    HEAD_DIM, True, EVEN_D)
     if DROPOUT:
-        drop_cols = (b64 * num_heads + h64) * Lmax * Lmax + offs_n.to(tl.int64)
+        # Offset of (this program's first key, query 0); query m adds m * Lmax.
+        drop_base = (b64 * num_heads + h64) * Lmax * Lmax + start_n * BLOCK_N
     else:
-        drop_cols = offs_n.to(tl.int64)
+        drop_base = b64 * 0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Query rows at or past n_end are padding (LSE = +inf) and contribute nothing: skip them.
     m_full = (n_end // BLOCK_M) * BLOCK_M
     dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
-                          delta_base, drop_cols, seed, 0, m_full, n_end, qk_scale, p_drop,
-                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, False,
-                          DROPOUT, DOT_PREC)
+                          delta_base, drop_base, seed, 0, m_full, n_end, qk_scale, p_drop,
+                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N,
+                          False, DROPOUT, DROP_ALIGNED4, DOT_PREC)
     dk, dv = _dkdv_q_loop(dk, dv, k, v, q_base, do_base, stride_qt, stride_dot, lse_base,
-                          delta_base, drop_cols, seed, m_full, n_end, n_end, qk_scale, p_drop,
-                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, True,
-                          DROPOUT, DOT_PREC)
+                          delta_base, drop_base, seed, m_full, n_end, n_end, qk_scale, p_drop,
+                          keep_scale, Lmax, offs_m, offs_d, HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N,
+                          True, DROPOUT, DROP_ALIGNED4, DOT_PREC)
 
     # Rows of dK/dV depend only on their own key, so masked keys are zeroed once here instead of
     # being masked inside the loop.
@@ -527,32 +656,31 @@ def _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kp
                 seed, lo, hi, n_end, qk_scale, p_drop, keep_scale, offs_n, offs_d,
                 HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 KEY_MASK: tl.constexpr, CHECK_N: tl.constexpr, DROPOUT: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], cols, n_end, offs_d,
-                       HEAD_DIM, CHECK_N, EVEN_D)
-        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, n_end, offs_d,
-                       HEAD_DIM, CHECK_N, EVEN_D)
+        key_ok = _key_ok(kpm_base, cols, n_end, KEY_MASK)
+        # Padded keys' rows of K and V read as zeros: ds is 0 there, but 0 * NaN is NaN.
+        k = _load_rows(k_base + cols[:, None] * stride_kt + offs_d[None, :], key_ok, offs_d,
+                       HEAD_DIM, KEY_MASK or CHECK_N, EVEN_D)
+        v = _load_rows(v_base + cols[:, None] * stride_vt + offs_d[None, :], key_ok, offs_d,
+                       HEAD_DIM, KEY_MASK or CHECK_N, EVEN_D)
         s = _mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        if KEY_MASK:
-            real = tl.load(kpm_base + cols, mask=cols < n_end, other=0)
-            s = tl.where(real[None, :] != 0, s, float("-inf"))
-        elif CHECK_N:
-            s = tl.where(cols[None, :] < n_end, s, float("-inf"))
+        if KEY_MASK or CHECK_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), None, DOT_PREC)
         if DROPOUT:
-            keep = _keep(seed, drop_rows[:, None] + cols[None, :].to(tl.int64), p_drop)
+            keep = _keep_rows(seed, drop_rows + start_n, p_drop, BLOCK_N, DROP_ALIGNED4)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(k.dtype), k, dq, DOT_PREC)
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_TABLE), key=_TUNE_KEY,
-                  prune_configs_by=_prune("BLOCK_M", "BLOCK_N", _DQ_TABLE))
+@triton.autotune(configs=_configs(_DQ_TUNING), key=_TUNE_KEY,
+                  prune_configs_by=_prune(_DQ_TUNING))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, KPM, KV_END, CU, SEED,
@@ -564,8 +692,9 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_lb, stride_lh,
     num_heads, seq_len, Lmax, qk_scale, sm_scale, p_drop, keep_scale, SEQ_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    DROP_ALIGNED4: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -592,9 +721,9 @@ def _attn_bwd_dq_kernel(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
         stride_lb, stride_lh, DROPOUT)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, seqlen, offs_d,
+    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m < seqlen, offs_d,
                    HEAD_DIM, True, EVEN_D)
-    do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, seqlen,
+    do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m < seqlen,
                     offs_d, HEAD_DIM, True, EVEN_D)
     lse2 = tl.load(lse_base + offs_m, mask=offs_m < seqlen, other=float("inf")) * LOG2E
     delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen, other=0.0)
@@ -608,10 +737,12 @@ def _attn_bwd_dq_kernel(
     n_full = (n_end // BLOCK_N) * BLOCK_N
     dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kpm_base,
                      drop_rows, seed, 0, n_full, n_end, qk_scale, p_drop, keep_scale, offs_n,
-                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, False, DROPOUT, DOT_PREC)
+                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, False, DROPOUT, DROP_ALIGNED4,
+                     DOT_PREC)
     dq = _dq_kv_loop(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, kpm_base,
                      drop_rows, seed, n_full, n_end, n_end, qk_scale, p_drop, keep_scale, offs_n,
-                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, True, DROPOUT, DOT_PREC)
+                     offs_d, HEAD_DIM, EVEN_D, BLOCK_N, KEY_MASK, True, DROPOUT, DROP_ALIGNED4,
+                     DOT_PREC)
     _store_rows(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, seqlen, offs_d, HEAD_DIM,
                 EVEN_D)
 
@@ -647,9 +778,10 @@ def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int, p: flo
     out = torch.empty(batch, heads, seqlen, seqlen, dtype=torch.uint8, device=seed.device)
     if out.numel() == 0:
         return out.bool()
-    block = 256 if _INTERPRET else 1024
+    block = 256 if _INTERPRET else DROPOUT_MASK_BLOCK
     grid = (triton.cdiv(seqlen * seqlen, block), heads, batch)
-    _dropout_mask_kernel[grid](out, seed, seqlen * seqlen, float(p), BLOCK=block)
+    with launch_context(seed):
+        _dropout_mask_kernel[grid](out, seed, seqlen * seqlen, float(p), BLOCK=block)
     return out.bool()
 
 
@@ -737,10 +869,44 @@ class _Layout:
     def grid(self, block: str):
         return lambda meta: (triton.cdiv(self.lmax, meta[block]), self.heads, self.batch)
 
+    def draw(self, dropout: bool) -> int:
+        """The dropout draw: Lmax % 4 == 0 puts every row on a Philox counter boundary."""
+        if not dropout:
+            return DRAW_NONE
+        return DRAW_GROUPED if self.lmax % 4 == 0 else DRAW_ELEMENT
+
     def constexprs(self, dropout: bool) -> dict:
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, EVEN_D=self.even_d,
                     VARLEN=self.varlen, KEY_MASK=self.key_mask, DROPOUT=dropout,
-                    DOT_PREC=self.dot_prec)
+                    DROP_ALIGNED4=self.draw(dropout) == DRAW_GROUPED, DOT_PREC=self.dot_prec)
+
+
+# Autotuning keys (kernel, dtype, constexprs) the autotuner has already settled, in this process.
+_TUNED: set = set()
+
+
+def _launch(kernel, tuning: _Tuning, lay: _Layout, grid_block: str, dtype: torch.dtype,
+            dropout: bool, args: tuple) -> None:
+    """Launch an autotuned kernel, or its table's first fitting tile without tuning.
+
+    Tuning compiles and times every candidate, with device syncs: skipped when
+    ``ROBERTA_FAST_AUTOTUNE=0`` and while a CUDA graph is being captured (a sync would break the
+    capture), unless this problem was tuned before.
+    """
+    constexprs = lay.constexprs(dropout)
+    grid = lay.grid(grid_block)
+    if _INTERPRET:  # one configuration there, nothing to tune
+        kernel[grid](*args, **constexprs)
+        return
+    key = (kernel.base_fn.__name__, dtype, lay.bucket, tuple(constexprs.values()))
+    capturing = args[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    if os.environ.get(AUTOTUNE_ENV, "1") != "0" and (key in _TUNED or not capturing):
+        kernel[grid](*args, **constexprs)
+        _TUNED.add(key)
+        return
+    tile = pickable_tiles(tuning, arch=_arch(args[0].device), fp32=dtype == torch.float32,
+                          bucket=lay.bucket, block_d=lay.block_d, draw=lay.draw(dropout))[0]
+    kernel.fn[grid](*args, **constexprs, **tile.options())
 
 
 def _check_dropout(dropout_p: float, seed: torch.Tensor | None) -> bool:
@@ -769,14 +935,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return o, lse.fill_(float("inf"))
     lay.check_limits(q, k, v, o)
     varlen = lay.varlen
-    _attn_fwd_kernel[lay.grid("BLOCK_M")](
-        q, k, v, o, lse, lay.kpm, lay.kv_end, lay.cu, seed if dropout else q,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
-        lay.stride_mb, lay.stride_lb, lay.stride_lh,
-        lay.heads, lay.seq_len, lay.lmax, float(scale) * _LOG2E, float(dropout_p),
-        1.0 / (1.0 - dropout_p), lay.bucket,
-        **lay.constexprs(dropout),
-    )
+    args = (q, k, v, o, lse, lay.kpm, lay.kv_end, lay.cu, seed if dropout else q,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(o, varlen),
+            lay.stride_mb, lay.stride_lb, lay.stride_lh,
+            lay.heads, lay.seq_len, lay.lmax, float(scale) * _LOG2E, float(dropout_p),
+            1.0 / (1.0 - dropout_p), lay.bucket)
+    with launch_context(q):
+        _launch(_attn_fwd_kernel, _FWD_TUNING, lay, "BLOCK_M", q.dtype, dropout, args)
     return o, lse
 
 
@@ -801,27 +966,23 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lse = lse.contiguous()
     varlen = lay.varlen
     delta = torch.empty(lay.lse_shape, dtype=torch.float32, device=q.device)
-    block_delta = 16 if _INTERPRET else 64
-    _bwd_delta_kernel[(triton.cdiv(lay.lmax, block_delta), lay.heads, lay.batch)](
-        o, do, delta, lay.cu, *_strides(o, varlen), *_strides(do, varlen),
-        lay.stride_lb, lay.stride_lh, lay.seq_len,
-        HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, VARLEN=varlen,
-        BLOCK_M=block_delta,
-    )
     seed_arg = seed if dropout else q
     common = (lay.stride_mb, lay.stride_lb, lay.stride_lh, lay.heads, lay.seq_len, lay.lmax,
               float(scale) * _LOG2E, float(scale), float(dropout_p), 1.0 / (1.0 - dropout_p),
               lay.bucket)
-    _attn_bwd_dkdv_kernel[lay.grid("BLOCK_N")](
-        q, k, v, do, dk, dv, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), *common,
-        **lay.constexprs(dropout),
-    )
-    _attn_bwd_dq_kernel[lay.grid("BLOCK_M")](
-        q, k, v, do, dq, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dq, varlen), *common,
-        **lay.constexprs(dropout),
-    )
+    with launch_context(q):
+        _bwd_delta_kernel[(triton.cdiv(lay.lmax, DELTA_BLOCK_M), lay.heads, lay.batch)](
+            o, do, delta, lay.cu, *_strides(o, varlen), *_strides(do, varlen),
+            lay.stride_lb, lay.stride_lh, lay.seq_len,
+            HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, VARLEN=varlen,
+            BLOCK_M=DELTA_BLOCK_M,
+        )
+        _launch(_attn_bwd_dkdv_kernel, _DKDV_TUNING, lay, "BLOCK_N", q.dtype, dropout,
+                (q, k, v, do, dk, dv, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
+                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                 *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *common))
+        _launch(_attn_bwd_dq_kernel, _DQ_TUNING, lay, "BLOCK_M", q.dtype, dropout,
+                (q, k, v, do, dq, lse, delta, lay.kpm, lay.kv_end, lay.cu, seed_arg,
+                 *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                 *_strides(do, varlen), *_strides(dq, varlen), *common))
     return dq, dk, dv

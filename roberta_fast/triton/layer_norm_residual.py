@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import launch_context
 
 
 @triton.jit
@@ -185,11 +186,12 @@ def layer_norm_residual_triton_fwd(x: torch.Tensor, residual: torch.Tensor, weig
         raise ValueError("layer_norm_residual_triton: dropout_p > 0 needs a seed tensor")
     if rows > 0:
         block = triton.next_power_of_2(hidden)
-        _fwd_kernel[(rows,)](x, residual, weight, bias, y, mean, rstd,
-                             seed if has_dropout else mean, hidden, eps, dropout_p,
-                             HAS_DROPOUT=has_dropout, ROUND_BF16=_round_bf16_by_hand(x),
-                             BLOCK=block, ALIGNED4=_aligned4(hidden, block),
-                             num_warps=_num_warps(block))
+        with launch_context(x):
+            _fwd_kernel[(rows,)](x, residual, weight, bias, y, mean, rstd,
+                                 seed if has_dropout else mean, hidden, eps, dropout_p,
+                                 HAS_DROPOUT=has_dropout, ROUND_BF16=_round_bf16_by_hand(x),
+                                 BLOCK=block, ALIGNED4=_aligned4(hidden, block),
+                                 num_warps=_num_warps(block))
     return y, mean, rstd
 
 
@@ -224,11 +226,13 @@ def layer_norm_residual_triton_bwd(dy: torch.Tensor, x: torch.Tensor, residual: 
     dw_part = torch.empty(programs, hidden, dtype=torch.float32, device=x.device)
     db_part = torch.empty(programs, hidden, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(hidden)
-    _bwd_kernel[(programs,)](dy, x, residual, weight, mean, rstd, seed if has_dropout else mean,
-                             dres, dx if has_dropout else dres, dw_part, db_part, rows, hidden,
-                             rows_per_prog, dropout_p, HAS_DROPOUT=has_dropout,
-                             ROUND_BF16=_round_bf16_by_hand(x), BLOCK=block,
-                             ALIGNED4=_aligned4(hidden, block), num_warps=_num_warps(block))
+    with launch_context(x):
+        _bwd_kernel[(programs,)](dy, x, residual, weight, mean, rstd,
+                                 seed if has_dropout else mean, dres, dx if has_dropout else dres,
+                                 dw_part, db_part, rows, hidden, rows_per_prog, dropout_p,
+                                 HAS_DROPOUT=has_dropout, ROUND_BF16=_round_bf16_by_hand(x),
+                                 BLOCK=block, ALIGNED4=_aligned4(hidden, block),
+                                 num_warps=_num_warps(block))
     return dres, dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 

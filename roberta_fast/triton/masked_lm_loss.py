@@ -10,15 +10,21 @@ a zero gradient; a label outside ``[0, V)`` is never used as an address (its row
 """
 from __future__ import annotations
 
-import contextlib
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import launch_context
+
 # Lowest finite fp32: the running max starts here rather than at -inf so that -inf logits add
-# exp(-inf) = 0 instead of exp(-inf - -inf) = NaN.
-_LOWEST = -3.4028234663852886e38
+# exp(-inf) = 0 instead of exp(-inf - -inf) = NaN. A constexpr: kernels compiled for a GPU may
+# read no other kind of global.
+_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
+
+# Read once, as triton.jit does: it decides between compiled and interpreted kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -79,6 +85,15 @@ def _mlm_rows_kernel(logits_ptr, labels_ptr, scale_ptr, losses_ptr, vocab, row_s
                     tl.store(base + offs, g.to(out_ty), mask=mask)
 
 
+def _block_and_warps(vocab: int) -> tuple[int, int]:
+    """Columns per step of the row loops, and warps per row."""
+    if _INTERPRET:
+        # The interpreter runs a block as numpy arrays: larger blocks mean fewer Python steps.
+        return min(triton.next_power_of_2(vocab), 16384), 4
+    block = min(triton.next_power_of_2(vocab), 4096)
+    return block, 8 if block >= 2048 else 4
+
+
 def _check(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"masked_lm_loss_rows_triton: logits must be 2-D [rows, vocab], got "
@@ -122,16 +137,13 @@ def masked_lm_loss_rows_triton(logits: torch.Tensor, labels: torch.Tensor, scale
 
         check_label_range(labels, vocab, ignore_index)
     labels = labels.contiguous()
-    on_gpu = logits.device.type == "cuda"
-    # The interpreter runs a block as numpy arrays: larger blocks mean fewer Python steps.
-    block = min(triton.next_power_of_2(vocab), 4096 if on_gpu else 16384)
+    block, num_warps = _block_and_warps(vocab)
     row_stride = logits.stride(0) if rows > 1 else vocab
-    kwargs = {"num_warps": 8 if block >= 2048 else 4} if on_gpu else {}
-    with torch.cuda.device(logits.device) if on_gpu else contextlib.nullcontext():
+    with launch_context(logits):
         _mlm_rows_kernel[(rows,)](logits, labels, scale, losses, vocab, row_stride, ignore_index,
                                   WRITE_GRAD=bool(write_grad), BLOCK=block,
-                                  BF16_BY_BITS=not on_gpu and logits.dtype == torch.bfloat16,
-                                  **kwargs)
+                                  BF16_BY_BITS=_INTERPRET and logits.dtype == torch.bfloat16,
+                                  num_warps=num_warps)
     return losses
 
 
