@@ -18,28 +18,9 @@
 // AMX wants B in VNNI order (pairs of reduction rows interleaved); the layouts are written here
 // directly (the C++ test checks them against cpublas::pack).
 //
-// Dropout multipliers come from an AVX-512 Philox (32 counters per step) where the compiler
-// targets AVX-512, else from philox::random_words; both give philox::keep bit for bit.
-
-// at::vec picks its implementation from CPU_CAPABILITY_*, which torch defines only for its own
-// per-ISA kernel files. Select the ISA this file is compiled for (-march=native in setup.py and
-// CMake): the types then live in the inline namespace at::vec::<ISA>, so they cannot clash with
-// another translation unit's Vectorized.
-// GCC 12 reports its own AVX-512 intrinsics (their _mm512_undefined_* pass-through operands) as
-// uninitialized once inlined; the state must hold where <immintrin.h> is first included.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// Dropout: each row's keep bits come from csrc/cpu/philox_simd.h (the LayerNorm's generator) and
+// are applied with simd::select_mul; vectors, conversions and exp are csrc/cpu/simd.h's.
+#include "cpu/simd.h"  // first: it configures ATen's vector headers
 
 #include "cpu/attention.h"
 
@@ -54,27 +35,19 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-// torch's vector headers are not -Wall -Wextra clean.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-#include "common/philox.h"
+#include "cpu/philox_simd.h"
 
 namespace roberta_fast {
 namespace cpu {
 namespace {
 
 using c10::BFloat16;
-using Vec = at::vec::Vectorized<float>;
+using philox_simd::Dropout;
+using philox_simd::lane_bits;
+using simd::kLanes;
+using simd::Vec;
 
-constexpr int64_t kVec = Vec::size();
 // Rows and columns of every product operand are padded with zeros to a multiple of kPad: AMX
 // wants even reduction lengths, and few distinct shapes keep oneDNN's JIT cache small (each new
 // (M, N, K) costs ~0.2 ms of code generation once per thread).
@@ -87,116 +60,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
-// --------------------------------------------------------------------------------------------
-// Dropout: Philox4x32-10 (csrc/common/philox.h), 32 counters at a time with AVX-512
-// --------------------------------------------------------------------------------------------
-
-#if defined(__AVX512F__)
-// High 32 bits of the 32 x 32-bit products of each lane of a with the constant b.
-inline __m512i mulhi_epu32(__m512i a, __m512i b) {
-  const __m512i even = _mm512_mul_epu32(a, b);                        // lanes 0, 2, ...
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);  // lanes 1, 3, ...
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
-
-// Multipliers (0 or keep_scale) of the 64 * kBlocks elements of counters counter ..
-// counter + 16 * kBlocks - 1, in element order (word w of counter c is element 4 * c + w).
-// Several blocks at once interleave independent multiply chains.
-template <int kBlocks>
-inline void philox_multipliers(uint64_t seed, uint64_t counter, float p, float keep_scale,
-                               float* out) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i round_a = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundA));
-  const __m512i round_b = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundB));
-  __m512i c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
-  for (int g = 0; g < kBlocks; ++g) {
-    const uint64_t first = counter + 16 * g;
-    const __m512i lo = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(first)));
-    const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(first >> 32)));
-    c0[g] = _mm512_add_epi32(lo, lane);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[g], lo);  // the low word wrapped
-    c1[g] = _mm512_mask_add_epi32(hi, carry, hi, _mm512_set1_epi32(1));
-    c2[g] = _mm512_setzero_si512();
-    c3[g] = _mm512_setzero_si512();
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < philox::kRounds; ++round) {
-    const __m512i key0 = _mm512_set1_epi32(static_cast<int32_t>(k0));
-    const __m512i key1 = _mm512_set1_epi32(static_cast<int32_t>(k1));
-    for (int g = 0; g < kBlocks; ++g) {
-      const __m512i hi_a = mulhi_epu32(c0[g], round_a);
-      const __m512i lo_a = _mm512_mullo_epi32(c0[g], round_a);
-      const __m512i hi_b = mulhi_epu32(c2[g], round_b);
-      const __m512i lo_b = _mm512_mullo_epi32(c2[g], round_b);
-      c0[g] = _mm512_ternarylogic_epi32(hi_b, c1[g], key0, 0x96);  // three-way xor
-      c2[g] = _mm512_ternarylogic_epi32(hi_a, c3[g], key1, 0x96);
-      c1[g] = lo_b;
-      c3[g] = lo_a;
-    }
-    k0 += philox::kKeyA;
-    k1 += philox::kKeyB;
-  }
-  const __m512i lo32 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi32 =
-      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i lo64 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-  const __m512i hi64 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-  const __m512 uniform_scale = _mm512_set1_ps(philox::kUniformScale);
-  const __m512 threshold = _mm512_set1_ps(p);
-  const __m512 kept = _mm512_set1_ps(keep_scale);
-  for (int g = 0; g < kBlocks; ++g) {
-    // Interleave the four words of each counter into element order.
-    const __m512i w01_lo = _mm512_permutex2var_epi32(c0[g], lo32, c1[g]);
-    const __m512i w01_hi = _mm512_permutex2var_epi32(c0[g], hi32, c1[g]);
-    const __m512i w23_lo = _mm512_permutex2var_epi32(c2[g], lo32, c3[g]);
-    const __m512i w23_hi = _mm512_permutex2var_epi32(c2[g], hi32, c3[g]);
-    const __m512i words[4] = {_mm512_permutex2var_epi64(w01_lo, lo64, w23_lo),
-                              _mm512_permutex2var_epi64(w01_lo, hi64, w23_lo),
-                              _mm512_permutex2var_epi64(w01_hi, lo64, w23_hi),
-                              _mm512_permutex2var_epi64(w01_hi, hi64, w23_hi)};
-    for (int q = 0; q < 4; ++q) {
-      // philox::bits_to_uniform: fold the negative int32 half onto the positive one, scale.
-      const __m512i folded = _mm512_xor_si512(words[q], _mm512_srai_epi32(words[q], 31));
-      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), uniform_scale);
-      const __mmask16 keep = _mm512_cmp_ps_mask(u, threshold, _CMP_GT_OQ);
-      _mm512_storeu_ps(out + 64 * g + 16 * q, _mm512_maskz_mov_ps(keep, kept));
-    }
-  }
-}
-constexpr int64_t kCountersPerStep = 32;
-inline void philox_step(uint64_t seed, uint64_t counter, float p, float keep_scale, float* out) {
-  philox_multipliers<2>(seed, counter, p, keep_scale, out);
-}
-#else
-constexpr int64_t kCountersPerStep = 1;
-inline void philox_step(uint64_t seed, uint64_t counter, float p, float keep_scale, float* out) {
-  const philox::Words words = philox::random_words(seed, counter);
-  for (int w = 0; w < 4; ++w) out[w] = philox::bits_to_uniform(words.w[w]) > p ? keep_scale : 0.f;
-}
-#endif
-
-void dropout_multipliers(uint64_t seed, uint64_t offset, int64_t n, float p, float keep_scale,
-                         float* out) {
-  constexpr int64_t kStep = 4 * kCountersPerStep;  // elements per step
-  float block[kStep];
-  uint64_t counter = offset >> 2;
-  int64_t skip = static_cast<int64_t>(offset & 3);  // leading words of the first counter
-  int64_t done = 0;
-  while (done < n) {
-    const int64_t take = std::min<int64_t>(kStep - skip, n - done);
-    if (skip == 0 && take == kStep) {
-      philox_step(seed, counter, p, keep_scale, out + done);
-    } else {
-      philox_step(seed, counter, p, keep_scale, block);
-      std::memcpy(out + done, block + skip, take * sizeof(float));
-    }
-    done += take;
-    skip = 0;
-    counter += kCountersPerStep;
-  }
-}
 
 // --------------------------------------------------------------------------------------------
 // The batch: sequences, their real tokens, where their rows go
@@ -268,111 +131,71 @@ const T* head_base(const AttentionOperand<T>& x, const Batch& batch, const Seque
 }
 
 // --------------------------------------------------------------------------------------------
-// Row helpers (fp32, at::vec)
+// Row helpers (fp32 vectors of csrc/cpu/simd.h; lanes past a row's end load as 0, never stored)
 // --------------------------------------------------------------------------------------------
 
-template <typename S, typename D>
-inline void convert_row(const S* src, D* dst, int64_t n) {
-  if constexpr (std::is_same_v<S, D>) {
-    std::memcpy(dst, src, n * sizeof(S));
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
 inline void scale_row(float* x, int64_t n, float a) {
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * Vec(a)).store(x + j);
-  for (; j < n; ++j) x[j] *= a;
+  const Vec va(a);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = std::min(kLanes, n - j);
+    simd::store(x + j, simd::load(x + j, m) * va, m);
+  }
 }
 
 // max(scale * x) over a row of raw scores: scale * max(x), or scale * min(x) for scale < 0.
 inline float scaled_max(const float* x, int64_t n, float scale) {
-  const float sign = scale < 0.f ? -1.f : 1.f;  // max(sign * x) * |scale|
-  const Vec vsign(sign);
+  const Vec vsign(scale < 0.f ? -1.f : 1.f);  // max(sign * x) * |scale|
   Vec hi(-kInf);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) hi = at::vec::maximum(hi, Vec::loadu(x + j) * vsign);
-  float mx = at::vec::vec_reduce_all<float>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, hi);
-  for (; j < n; ++j) mx = std::max(mx, sign * x[j]);
-  return mx * std::fabs(scale);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = std::min(kLanes, n - j);
+    hi = simd::max_lanes(hi, Vec::set(Vec(-kInf), simd::load(x + j, m) * vsign, m));
+  }
+  return simd::hmax(hi) * std::fabs(scale);
 }
 
-// exp for the probabilities. With AVX-512: e^x = 2^n e^r with n = round(x / ln 2) and
-// r = x - n ln 2 (ln 2 in two parts, |r| <= ln 2 / 2), e^r by its degree-7 Taylor polynomial
-// (truncation 5e-9) and 2^n applied by vscalefps, which also turns -inf / huge x into 0 / inf.
-// Measured over [-100, 3]: largest relative error 7.7e-8, as Sleef's 1-ulp exp (8.1e-8), in
-// 6 ns a vector against Sleef's 10 and torch's 20-ulp exp_u20's 7.4.
-inline Vec exp_vec(const Vec& x) {
-#if defined(__AVX512F__)
-  const __m512 v = x;
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-  constexpr float kCoef[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-  __m512 p = _mm512_set1_ps(kCoef[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kCoef[i]));
-  return _mm512_scalef_ps(p, n);
-#else
-  return x.exp();
-#endif
-}
-
-// x = exp(scale * x - shift) in place; returns sum(x).
-inline float exp_and_sum(float* x, int64_t n, float scale, float shift) {
-  const Vec vscale(scale), vshift(shift);
+// x = exp(scale * x - shift) in place, returns the sum of the exponentials; with `keep` (the
+// row's dropout keep bits) the stored values are the kept ones times keep_scale, the others 0.
+inline float exp_and_sum(float* x, int64_t n, float scale, float shift, const uint64_t* keep,
+                         float keep_scale) {
+  const Vec vscale(scale), vshift(shift), vkeep(keep_scale);
   Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) {
-    const Vec e = exp_vec(at::vec::fmsub(Vec::loadu(x + j), vscale, vshift));
-    e.store(x + j);
-    acc = acc + e;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = std::min(kLanes, n - j);
+    const Vec e = simd::exp(at::vec::fmsub(simd::load(x + j, m), vscale, vshift));
+    acc = acc + simd::first(e, m);
+    simd::store(x + j, keep ? simd::select_mul(lane_bits(keep, j), e, vkeep) : e, m);
   }
-  if (j < n) {
-    const int64_t rest = n - j;
-    const Vec e = exp_vec(at::vec::fmsub(Vec::loadu(x + j, rest), vscale, vshift));
-    e.store(x + j, rest);
-    acc = acc + Vec::set(Vec(0.f), e, rest);
-  }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-}
-
-inline void multiply_rows(float* x, const float* m, int64_t n) {
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) (Vec::loadu(x + j) * Vec::loadu(m + j)).store(x + j);
-  for (; j < n; ++j) x[j] *= m[j];
+  return simd::hsum(acc);
 }
 
 // One backward row over n keys: s (raw q.k) becomes the kept probabilities pd, dp (dO.v)
-// becomes ds = p * (dp * mult - delta) with p = exp(scale * s - lse), pd = p * mult.
-inline void backward_row(float* s, float* dp, const float* mult, int64_t n, float scale,
-                         float lse, float delta) {
-  int64_t j = 0;
-  const Vec vscale(scale), vlse(lse), vdelta(delta);
-  for (; j < n; j += kVec) {
-    const int64_t cnt = std::min<int64_t>(kVec, n - j);
-    const Vec p = exp_vec(at::vec::fmsub(Vec::loadu(s + j, cnt), vscale, vlse));
+// becomes ds = p * (dp * mult - delta) with p = exp(scale * s - lse), pd = p * mult, mult the
+// dropout multiplier from the keep bits `keep` (0 or keep_scale; 1 without dropout).
+inline void backward_row(float* s, float* dp, const uint64_t* keep, float keep_scale, int64_t n,
+                         float scale, float lse, float delta) {
+  const Vec vscale(scale), vlse(lse), vdelta(delta), vkeep(keep_scale);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = std::min(kLanes, n - j);
+    const Vec p = simd::exp(at::vec::fmsub(simd::load(s + j, m), vscale, vlse));
     Vec pd = p;
-    Vec g = Vec::loadu(dp + j, cnt);
-    if (mult) {
-      const Vec m = Vec::loadu(mult + j, cnt);
-      pd = p * m;
-      g = g * m;
+    Vec g = simd::load(dp + j, m);
+    if (keep) {
+      const uint32_t lanes = lane_bits(keep, j);
+      pd = simd::select_mul(lanes, p, vkeep);
+      g = simd::select_mul(lanes, g, vkeep);
     }
-    pd.store(s + j, cnt);
-    (p * (g - vdelta)).store(dp + j, cnt);
+    simd::store(s + j, pd, m);
+    simd::store(dp + j, p * (g - vdelta), m);
   }
 }
 
 inline float dot_row(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float total = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) total += a[j] * b[j];
-  return total;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int64_t m = std::min(kLanes, n - j);
+    acc = at::vec::fmadd(simd::load(a + j, m), simd::load(b + j, m), acc);
+  }
+  return simd::hsum(acc);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -395,7 +218,7 @@ void gather_rows(const T* base, int64_t token_stride, const Sequence& s, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     Tc* out = dst + r * ld;
     if (c0 + r < c1) {
-      convert_row(base + s.position(c0 + r) * token_stride, out, d);
+      simd::convert(base + s.position(c0 + r) * token_stride, out, d);
       std::fill(out + d, out + ld, Tc(0.f));
     } else {
       std::fill(out, out + ld, Tc(0.f));
@@ -424,7 +247,7 @@ const Tc* rows_as_b(const Tc* rows, int64_t nrows, int64_t ld, std::vector<Tc>& 
   }
 }
 
-#if defined(__AVX512F__)
+#if RF_SIMD_AVX512
 // dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit words (rows lds, ldd apart).
 inline void transpose16x16(const uint32_t* src, int64_t lds, uint32_t* dst, int64_t ldd) {
   __m512i r[16], t[16];
@@ -464,7 +287,7 @@ inline void transpose32(const uint32_t* src, int64_t rows, int64_t cols, uint32_
     const int64_t r1 = std::min(rows, r0 + kTile);
     for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
       const int64_t c1 = std::min(cols, c0 + kTile);
-#if defined(__AVX512F__)
+#if RF_SIMD_AVX512
       if (r1 - r0 == kTransposeTile && c1 - c0 == kTransposeTile) {
         transpose16x16(src + r0 * cols + c0, cols, dst + c0 * rows + r0, rows);
         continue;
@@ -502,7 +325,7 @@ void transpose_tile(const float* src, int64_t rows, int64_t cols, Tc* dst,
     tmp.resize(rows * cols);
     transpose32(reinterpret_cast<const uint32_t*>(src), rows, cols,
                 reinterpret_cast<uint32_t*>(tmp.data()));
-    convert_row(tmp.data(), dst, rows * cols);
+    simd::convert(tmp.data(), dst, rows * cols);
   }
 }
 
@@ -566,25 +389,28 @@ struct Problem {
   int64_t d;   // head dim
   int64_t dp;  // head dim padded for the products (a multiple of kPad for AMX)
   float scale;
-  float p;
-  float keep_scale;
-  bool dropout;
-  uint64_t seed;
+  Dropout drop;  // active iff p > 0
 
-  // Dropout multipliers of position i against keys c0 .. c0 + n - 1 of sequence s, head h.
-  void multipliers(const Sequence& s, int64_t h, int64_t i, int64_t c0, int64_t n, float* out,
-                   std::vector<float>& scratch) const {
+  // The dropout keep bits of position i against keys c0 .. c0 + n - 1 of sequence s, head h:
+  // bit c of keep (philox_simd::keep_bits_words(n) words) for key c0 + c.
+  void keep_bits(const Sequence& s, int64_t h, int64_t i, int64_t c0, int64_t n, uint64_t* keep,
+                 std::vector<uint64_t>& span_bits) const {
     const int64_t len = layout->seqlen;
     const uint64_t row = static_cast<uint64_t>(((s.b * layout->heads + h) * len + i) * len);
     const int64_t j0 = s.position(c0);
     const int64_t span = s.position(c0 + n - 1) - j0 + 1;
     if (span == n) {
-      dropout_multipliers(seed, row + j0, n, p, keep_scale, out);
+      philox_simd::fill_keep_bits(drop, row + j0, n, keep);
       return;
     }
-    scratch.resize(span);  // keys with holes between them: draw the span, keep the real ones
-    dropout_multipliers(seed, row + j0, span, p, keep_scale, scratch.data());
-    for (int64_t c = 0; c < n; ++c) out[c] = scratch[s.position(c0 + c) - j0];
+    // Keys with holes between them: draw the span, keep the real keys' bits.
+    span_bits.resize(philox_simd::keep_bits_words(span));
+    philox_simd::fill_keep_bits(drop, row + j0, span, span_bits.data());
+    std::fill(keep, keep + philox_simd::keep_bits_words(n), uint64_t{0});
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t b = s.position(c0 + c) - j0;
+      keep[c >> 6] |= ((span_bits[b >> 6] >> (b & 63)) & 1u) << (c & 63);
+    }
   }
 };
 
@@ -603,7 +429,8 @@ struct ThreadState {
   std::vector<Tc> q, k, v, dout, keys_b, values_b, tmp_vnni0, tmp_vnni1, tmp_vnni2;
   std::vector<Tc> a0, a1, a2;            // converted / transposed A tiles
   std::vector<float> s, dp, o, dq, dk, dv, tile;  // fp32 tiles and accumulators
-  std::vector<float> m, l, lse, delta, mult, scratch, row0, row1;
+  std::vector<float> m, l, lse, delta, row0, row1;
+  std::vector<uint64_t> keep, span_bits;  // a row's dropout keep bits (see Problem::keep_bits)
   void release() {
     if constexpr (kVnni<Tc>) at::native::cpublas::brgemm_release(true);
   }
@@ -665,7 +492,7 @@ void forward_item(const Problem& pr, const AttentionOperand<T>& q, const Attenti
   w.o.resize(kBlockQ * dp);
   w.m.resize(kBlockQ);
   w.l.resize(kBlockQ);
-  w.mult.resize(kBlockK);
+  w.keep.resize(philox_simd::keep_bits_words(kBlockK));
   for (int64_t i0 = q_begin; i0 < q_end; i0 += kBlockQ) {
     const int64_t mq = std::min(kBlockQ, n - i0), mqp = round_up(mq, kPad);
     const Tc* qa = w.q.data() + (i0 - q_begin) * dp;
@@ -683,17 +510,18 @@ void forward_item(const Problem& pr, const AttentionOperand<T>& q, const Attenti
           std::fill(prow, prow + nkp, Tc(0.f));
           continue;
         }
+        const uint64_t* keep = nullptr;
+        if (pr.drop.active) {
+          pr.keep_bits(s, h, s.position(i0 + r), j0, nk, w.keep.data(), w.span_bits);
+          keep = w.keep.data();
+        }
         const float m_new = std::max(w.m[r], scaled_max(srow, nk, pr.scale));
-        const float sum = exp_and_sum(srow, nk, pr.scale, m_new);
+        const float sum = exp_and_sum(srow, nk, pr.scale, m_new, keep, pr.drop.scale);
         const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first block
         w.l[r] = w.l[r] * alpha + sum;
         w.m[r] = m_new;
         if (j0 > 0) scale_row(w.o.data() + r * dp, dp, alpha);
-        if (pr.dropout) {
-          pr.multipliers(s, h, s.position(i0 + r), j0, nk, w.mult.data(), w.scratch);
-          multiply_rows(srow, w.mult.data(), nk);
-        }
-        if constexpr (kVnni<Tc>) convert_row(srow, prow, nk);  // fp32: prow is srow
+        if constexpr (kVnni<Tc>) simd::convert(srow, prow, nk);  // fp32: prow is srow
         std::fill(prow + nk, prow + nkp, Tc(0.f));
       }
       gemm<Tc>(mqp, dp, nkp, pa, nkp, values + j0 * dp, dp, w.o.data(), dp, j0 > 0);
@@ -701,7 +529,7 @@ void forward_item(const Problem& pr, const AttentionOperand<T>& q, const Attenti
     for (int64_t r = 0; r < mq; ++r) {
       float* orow = w.o.data() + r * dp;
       scale_row(orow, d, 1.f / w.l[r]);
-      convert_row(orow, out_row(out, layout, s, i0 + r, h), d);
+      simd::convert(orow, out_row(out, layout, s, i0 + r, h), d);
       lse[s.lse0 + h * pr.batch.lse_head + s.position(i0 + r)] = w.m[r] + std::log(w.l[r]);
     }
   }
@@ -730,8 +558,8 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
     const T* out_base = head_base(out, pr.batch, s, h);
     for (int64_t c = 0; c < n; ++c) {
       const int64_t i = s.position(c);
-      convert_row(w.dout.data() + c * dp, w.row0.data(), d);  // dO as gathered, exactly
-      convert_row(out_base + i * out.token, w.row1.data(), d);
+      simd::convert(w.dout.data() + c * dp, w.row0.data(), d);  // dO as gathered, exactly
+      simd::convert(out_base + i * out.token, w.row1.data(), d);
       w.delta[c] = dot_row(w.row0.data(), w.row1.data(), d);
       w.lse[c] = lse[s.lse0 + h * pr.batch.lse_head + i];
     }
@@ -757,7 +585,7 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
   w.dq.resize(n16 * dp);
   w.dk.resize(kmax * dp);
   w.dv.resize(kmax * dp);
-  w.mult.resize(kBlockK);
+  w.keep.resize(philox_simd::keep_bits_words(kBlockK));
   for (int64_t j0 = k_begin; j0 < k_end; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, n - j0), nkp = round_up(nk, kPad);
     const int64_t jo = j0 - k_begin;  // offset in this item's key buffers
@@ -773,12 +601,13 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
         float* srow = st + r * nkp;
         float* dprow = dpt + r * nkp;
         if (r < mq) {
-          const float* mult = nullptr;
-          if (pr.dropout) {
-            pr.multipliers(s, h, s.position(i0 + r), j0, nk, w.mult.data(), w.scratch);
-            mult = w.mult.data();
+          const uint64_t* keep = nullptr;
+          if (pr.drop.active) {
+            pr.keep_bits(s, h, s.position(i0 + r), j0, nk, w.keep.data(), w.span_bits);
+            keep = w.keep.data();
           }
-          backward_row(srow, dprow, mult, nk, pr.scale, w.lse[i0 + r], w.delta[i0 + r]);
+          backward_row(srow, dprow, keep, pr.drop.scale, nk, pr.scale, w.lse[i0 + r],
+                       w.delta[i0 + r]);
           std::fill(srow + nk, srow + nkp, 0.f);
           std::fill(dprow + nk, dprow + nkp, 0.f);
         } else {
@@ -793,7 +622,7 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
       transpose_tile(dpt, mqp, nkp, dst, w.tile);
       const Tc* ds = reinterpret_cast<const Tc*>(dpt);
       if constexpr (kVnni<Tc>) {
-        convert_row(dpt, w.a2.data(), mqp * nkp);
+        simd::convert(dpt, w.a2.data(), mqp * nkp);
         ds = w.a2.data();
       }
       gemm<Tc>(nkp, dp, mqp, pdt, mqp, dout_b + i0 * dp, dp, w.dv.data(), dp, i0 > 0);
@@ -804,8 +633,8 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
     for (int64_t r = 0; r < nk; ++r) {
       float* dkrow = w.dk.data() + r * dp;
       scale_row(dkrow, d, pr.scale);
-      convert_row(dkrow, out_row(dk, layout, s, j0 + r, h), d);
-      convert_row(w.dv.data() + r * dp, out_row(dv, layout, s, j0 + r, h), d);
+      simd::convert(dkrow, out_row(dk, layout, s, j0 + r, h), d);
+      simd::convert(w.dv.data() + r * dp, out_row(dv, layout, s, j0 + r, h), d);
     }
   }
   for (int64_t c = 0; c < n; ++c) {
@@ -814,18 +643,16 @@ void backward_item(const Problem& pr, const AttentionOperand<T>& dout,
       std::memcpy(partials + item.partial + c * d, dqrow, d * sizeof(float));
     } else {
       scale_row(dqrow, d, pr.scale);
-      convert_row(dqrow, out_row(dq, layout, s, c, h), d);
+      simd::convert(dqrow, out_row(dq, layout, s, c, h), d);
     }
   }
 }
 
-
 Problem make_problem(const AttentionLayout& layout, bool vnni, float scale, float dropout_p,
                      uint64_t seed) {
-  Problem pr{&layout, describe(layout), layout.head_dim,
-             vnni ? round_up(layout.head_dim, kPad) : layout.head_dim, scale, dropout_p,
-             1.f / (1.f - dropout_p), dropout_p > 0.f, seed};
-  return pr;
+  return Problem{&layout, describe(layout), layout.head_dim,
+                 vnni ? round_up(layout.head_dim, kPad) : layout.head_dim, scale,
+                 Dropout(dropout_p, seed)};
 }
 
 bool use_amx(AttentionCompute compute) {
@@ -885,7 +712,7 @@ void run_bwd(const AttentionLayout& layout, AttentionOperand<T> dout, AttentionO
           for (int64_t j = 0; j < pr.d; ++j) row[j] += src[j];
         }
         scale_row(row.data(), pr.d, pr.scale);
-        convert_row(row.data(), out_row(dq, layout, s, c, grp.head), pr.d);
+        simd::convert(row.data(), out_row(dq, layout, s, c, grp.head), pr.d);
       }
     }
   });
@@ -897,7 +724,7 @@ bool attention_bf16_uses_amx() { return at::native::cpublas::could_pack(at::kBFl
 
 void attention_dropout_multipliers(uint64_t seed, uint64_t offset, int64_t n, float p,
                                    float* out) {
-  dropout_multipliers(seed, offset, n, p, 1.f / (1.f - p), out);
+  philox_simd::multipliers(Dropout(p, seed), offset, n, out);
 }
 
 template <typename T>

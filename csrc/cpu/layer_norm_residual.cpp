@@ -5,11 +5,9 @@
 // the row of s = dropout(x) + residual (fp32), the row's dropout keep bits, and in the backward
 // the per-thread fp32 partial sums of dweight/dbias, reduced in a fixed order at the end.
 //
-// Dropout: the keep bits of 64 consecutive elements come from one vector of 16 Philox counters
-// (AVX-512: 16 lanes, four vectors in flight; elsewhere the scalar csrc/common/philox.h), drawn
-// per row into an L1 bit array. "u > p" is an integer compare of the folded word against a
-// threshold found once per call, exactly the float rule of philox.h, which is monotone in the
-// folded word. Philox is most of the arithmetic: about as much as all the rest of a bf16 row.
+// Dropout: the row's keep bits are drawn into an L1 bit array by csrc/cpu/philox_simd.h (16
+// Philox counters per AVX-512 vector, four vectors in flight). Philox is most of the arithmetic:
+// about as much as all the rest of a bf16 row.
 #include "cpu/simd.h"  // first: it configures ATen's vector headers
 
 #include "cpu/layer_norm_residual.h"
@@ -21,11 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include "common/philox.h"
 #include "cpu/parallel.h"
-
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
-              "the dropout keep bits are read as little-endian words");
+#include "cpu/philox_simd.h"
 
 namespace roberta_fast {
 namespace cpu {
@@ -34,156 +29,10 @@ namespace {
 using simd::kLanes;
 using simd::Vec;
 
-constexpr int64_t kCountersPerWord = 16;  // Philox counters behind one 64-bit word of keep bits
-
-// What a row needs to draw its dropout mask.
-struct Dropout {
-  bool active = false;
-  float scale = 1.0f;        // 1 / (1 - p) for kept elements
-  int32_t last_dropped = 0;  // folded words <= this are dropped (see dropout_last_dropped)
-  uint32_t key0[philox::kRounds];  // the Philox key of each round
-  uint32_t key1[philox::kRounds];
-
-  Dropout(float p, uint64_t seed) {
-    active = p > 0.0f;
-    if (!active) return;
-    scale = 1.0f / (1.0f - p);
-    last_dropped = dropout_last_dropped(p);
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < philox::kRounds; ++r) {
-      key0[r] = k0;
-      key1[r] = k1;
-      k0 += philox::kKeyA;
-      k1 += philox::kKeyB;
-    }
-  }
-};
-
-inline bool keep_word(uint32_t word, int32_t last_dropped) {
-  const int32_t v = static_cast<int32_t>(word);
-  return (v < 0 ? ~v : v) > last_dropped;
-}
-
-#if RF_SIMD_AVX512
-// High and low 32 bits of k * a in each of 16 lanes (two 32x32->64 multiplies, even and odd
-// lanes, recombined with lane shuffles).
-inline void mulhilo(__m512i k, __m512i a, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(a, k);
-  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), k);
-  *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
-  *lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
-}
-
-inline __mmask16 keep_lanes(__m512i word, __m512i last_dropped) {
-  const __m512i folded = _mm512_xor_si512(word, _mm512_srai_epi32(word, 31));
-  return _mm512_cmpgt_epi32_mask(folded, last_dropped);
-}
-
-// Bit i of m moved to bit 4 i + shift.
-inline uint64_t spread4(uint32_t m, int shift) {
-#if defined(__BMI2__)
-  return _pdep_u64(m, 0x1111111111111111ull << shift);
-#else
-  uint64_t x = m & 0xffffu;
-  x = (x | (x << 24)) & 0x000000ff000000ffull;
-  x = (x | (x << 12)) & 0x000f000f000f000full;
-  x = (x | (x << 6)) & 0x0303030303030303ull;
-  x = (x | (x << 3)) & 0x1111111111111111ull;
-  return x << shift;
-#endif
-}
-#endif
-
-// Keep bits of the 64 W elements 4 * counter .. 4 * counter + 64 W - 1 into out[0 .. W): bit
-// 4 j + i of out[w] is word i of Philox counter `counter + 16 w + j`. W words at once interleave
-// W independent dependency chains (a round's multiply -> shuffle -> xor is ~7 cycles deep), so
-// the vector ports, not the latency, set the pace.
-// (GCC 12 warns that the intrinsics' undefined pass-through operands are uninitialized.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <int W>
-inline void keep_bits64(const Dropout& d, uint64_t counter, uint64_t* out) {
-#if RF_SIMD_AVX512
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i c0[W], c1[W], c2[W], c3[W];
-  for (int w = 0; w < W; ++w) {
-    const uint64_t first = counter + static_cast<uint64_t>(w * kCountersPerWord);
-    const __m512i base = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(first)));
-    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(first >> 32));
-    c0[w] = _mm512_add_epi32(base, lane);
-    // A lane whose low word wrapped carries into the high word.
-    c1[w] = _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(c0[w], base), high,
-                                  _mm512_set1_epi32(1));
-    c2[w] = _mm512_setzero_si512();
-    c3[w] = _mm512_setzero_si512();
-  }
-  const __m512i round_a = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundA));
-  const __m512i round_b = _mm512_set1_epi32(static_cast<int32_t>(philox::kRoundB));
-#pragma GCC unroll 10
-  for (int r = 0; r < philox::kRounds; ++r) {
-    const __m512i k0 = _mm512_set1_epi32(static_cast<int32_t>(d.key0[r]));
-    const __m512i k1 = _mm512_set1_epi32(static_cast<int32_t>(d.key1[r]));
-#pragma GCC unroll 4
-    for (int w = 0; w < W; ++w) {
-      __m512i hi_a, lo_a, hi_b, lo_b;
-      mulhilo(round_a, c0[w], &hi_a, &lo_a);
-      mulhilo(round_b, c2[w], &hi_b, &lo_b);
-      c0[w] = _mm512_ternarylogic_epi32(hi_b, c1[w], k0, 0x96);  // 0x96: a ^ b ^ c
-      c2[w] = _mm512_ternarylogic_epi32(hi_a, c3[w], k1, 0x96);
-      c1[w] = lo_b;
-      c3[w] = lo_a;
-    }
-  }
-  const __m512i last = _mm512_set1_epi32(d.last_dropped);
-  for (int w = 0; w < W; ++w) {
-    out[w] = spread4(keep_lanes(c0[w], last), 0) | spread4(keep_lanes(c1[w], last), 1) |
-             spread4(keep_lanes(c2[w], last), 2) | spread4(keep_lanes(c3[w], last), 3);
-  }
-#else
-  const uint64_t seed = (static_cast<uint64_t>(d.key1[0]) << 32) | d.key0[0];
-  for (int w = 0; w < W; ++w) {
-    uint64_t bits = 0;
-    for (int j = 0; j < kCountersPerWord; ++j) {
-      const philox::Words v = philox::random_words(
-          seed, counter + static_cast<uint64_t>(w * kCountersPerWord + j));
-      for (int i = 0; i < 4; ++i)
-        bits |= static_cast<uint64_t>(keep_word(v.w[i], d.last_dropped)) << (4 * j + i);
-    }
-    out[w] = bits;
-  }
-#endif
-}
-#pragma GCC diagnostic pop
-
-// The keep bits of the n elements at offsets o .. o + n - 1: element o + j is bit j % 64 of
-// bits[j / 64]. Words of 64 elements are drawn from the Philox counter of o on and shifted down
-// by o & 3 when the row starts inside a counter. One zero word of padding follows.
-inline void fill_keep_bits(const Dropout& d, uint64_t o, int64_t n, uint64_t* bits) {
-  const int first = static_cast<int>(o & 3);
-  const int64_t words = (first + n + 63) / 64;
-  const uint64_t counter = o >> 2;
-  int64_t k = 0;
-  for (; k + 4 <= words; k += 4)
-    keep_bits64<4>(d, counter + static_cast<uint64_t>(k * kCountersPerWord), bits + k);
-  for (; k < words; ++k)
-    keep_bits64<1>(d, counter + static_cast<uint64_t>(k * kCountersPerWord), bits + k);
-  bits[words] = 0;
-  if (first != 0) {
-    for (int64_t k = 0; k < words; ++k) bits[k] = (bits[k] >> first) | (bits[k + 1] << (64 - first));
-  }
-}
-
-inline int64_t keep_bits_words(int64_t n) { return (n + 3 + 63) / 64 + 1; }
-
-// The kLanes keep bits of elements j .. j + kLanes - 1 (j a multiple of kLanes, itself a
-// multiple of 8: whole bytes).
-inline uint32_t lane_bits(const uint64_t* bits, int64_t j) {
-  static_assert(kLanes % 8 == 0 && kLanes <= 32, "lane masks are whole bytes of a 32-bit word");
-  uint32_t m = 0;
-  std::memcpy(&m, reinterpret_cast<const unsigned char*>(bits) + j / 8, kLanes / 8);
-  return m;
-}
+using philox_simd::Dropout;
+using philox_simd::fill_keep_bits;
+using philox_simd::keep_bits_words;
+using philox_simd::lane_bits;
 
 // weight/bias as fp32 arrays (converted once per call when W is a half type).
 template <typename W>
@@ -194,10 +43,7 @@ inline const float* params_as_float(const W* w, int64_t n, std::vector<float>& b
     return w;
   } else {
     buf.resize(n);
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const int64_t m = std::min(kLanes, n - j);
-      simd::load(w + j, m).store(buf.data() + j, m);
-    }
+    simd::convert(w, buf.data(), n);
     return buf.data();
   }
 }
@@ -349,30 +195,12 @@ inline void backward_row(const T* __restrict dy, const T* __restrict x, const T*
 
 }  // namespace
 
-int32_t dropout_last_dropped(float p) {
-  // u(f) = bits_to_uniform(f) is non-decreasing in the folded word f in [0, 2^31): the dropped
-  // words (u <= p) are 0 .. the answer. Bisection on [lo, hi) with u(lo) <= p < u(hi).
-  if (!(philox::bits_to_uniform(0u) <= p)) return -1;
-  int64_t lo = 0, hi = int64_t{1} << 31;  // hi: past the last word, as if u(hi) > p
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (philox::bits_to_uniform(static_cast<uint32_t>(mid)) <= p) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return static_cast<int32_t>(lo);
-}
+int32_t dropout_last_dropped(float p) { return philox_simd::last_dropped(p); }
 
 const char* layer_norm_residual_vector_level() { return simd::level(); }
 
 void dropout_scales(uint64_t seed, uint64_t offset, int64_t n, float p, float* out) {
-  if (n <= 0) return;
-  const Dropout d(p, seed);
-  std::vector<uint64_t> bits(keep_bits_words(n));
-  fill_keep_bits(d, offset, n, bits.data());
-  for (int64_t j = 0; j < n; ++j) out[j] = (bits[j >> 6] >> (j & 63)) & 1u ? d.scale : 0.0f;
+  philox_simd::multipliers(Dropout(p, seed), offset, n, out);
 }
 
 // Chunks of rows for parallel_chunks: about 16K elements or more each (the per-chunk overhead is

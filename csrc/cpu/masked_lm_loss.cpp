@@ -28,35 +28,6 @@ constexpr int64_t kBlock = 2048;  // elements per block (8 KB of fp32, in L1)
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (the arguments are always logit - a max), within ~1 ulp. With AVX-512 inline:
-// x = k ln2 + r with |r| <= ln2 / 2 (k rounded by adding 1.5 * 2^23), a degree-7 Taylor
-// polynomial in r (error below 6e-9 relative), times 2^k by vscalefps; below -87 the result is
-// exactly 0 (e^-87 ~ 1.6e-38 is nothing next to the row's largest term, 1), NaN stays NaN.
-// Elsewhere ATen's exp.
-inline Vec exp_nonpos(Vec x) {
-#if RF_SIMD_AVX512
-  const __m512 v = x;
-  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), magic),
-                                 magic);
-  // ln2 in two parts so that k * ln2_hi is exact.
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, p, k);
-#else
-  return x.exp();
-#endif
-}
-
 // Largest of x[0 .. n). Four accumulators: the max's latency would bound one chain. A NaN logit
 // need not survive here: it reaches the loss through the sum of exponentials.
 inline float block_max(const float* x, int64_t n) {
@@ -81,8 +52,8 @@ inline float block_sum_exp(const float* x, int64_t n, float m, float* out) {
   Vec a(0.0f), b(0.0f);
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    const Vec e0 = exp_nonpos(Vec::loadu(x + i) - mv);
-    const Vec e1 = exp_nonpos(Vec::loadu(x + i + kLanes) - mv);
+    const Vec e0 = simd::exp(Vec::loadu(x + i) - mv);
+    const Vec e1 = simd::exp(Vec::loadu(x + i + kLanes) - mv);
     if (out) {
       e0.store(out + i);
       e1.store(out + i + kLanes);
@@ -92,7 +63,7 @@ inline float block_sum_exp(const float* x, int64_t n, float m, float* out) {
   }
   for (; i < n; i += kLanes) {
     const int64_t k = std::min(kLanes, n - i);
-    const Vec e = simd::first(exp_nonpos(Vec::loadu(x + i, k) - mv), k);
+    const Vec e = simd::first(simd::exp(Vec::loadu(x + i, k) - mv), k);
     if (out) e.store(out + i, k);
     a = a + e;
   }

