@@ -6,6 +6,17 @@ The layer takes full-length sequences (no padding mask); the model takes a padde
 lengths uniform in [seq/4, seq] and 15% of the real tokens labelled. TFLOP/s count the model FLOPs
 of the padded batch as stock computes them (matmuls and attention, x3 for forward + backward), so
 within a group they are proportional to speed.
+
+End-to-end throughput (groups ``e2e ...``): a training step of ``RobertaForMaskedLM`` (forward and
+backward with dropout, 15% of the real tokens labelled; no optimizer step, which costs the same in
+every row) and inference of ``RobertaForSequenceClassification`` under ``torch.inference_mode``,
+the whole model in the run's dtype (``model.to(dtype)``), on a padded batch with lengths uniform
+in [seq/4, seq] and on a full-length batch. Rows: stock (HF sdpa), ``torch.compile`` of it, the
+patched model (``patch(model, unpad=True)``) and ``torch.compile`` of that (compiled rows outside ``--quick``
+only; a quick GPU run has the realistic lengths only). They are timed interleaved,
+best of a few rounds, and report real (non-padding) tokens per second; TFLOP/s there count only
+the useful work (real tokens, the MLM head on the labelled tokens), so their fraction of the
+matmul ceiling says how much of the machine reaches the model.
 """
 from __future__ import annotations
 
@@ -187,6 +198,119 @@ def _sizes(device: str, quick: bool) -> tuple[list, list]:
             [("roberta-base", ROBERTA_BASE, 12, 2, 128)])
 
 
+# ---------------------------------------------------------------------------------------------
+# End-to-end throughput
+# ---------------------------------------------------------------------------------------------
+
+E2E_LENGTHS = {"realistic": "lengths U[seq/4, seq]", "full": "full length"}
+
+
+def _e2e_batch(config, batch: int, seq: int, lengths: str, task: str, device: str, seed: int):
+    """(input_ids, attention_mask, labels or None, real lengths) of one e2e batch."""
+    gen = torch.Generator().manual_seed(seed)
+    if lengths == "full":
+        sizes = torch.full((batch,), seq)
+    else:
+        sizes = torch.randint(max(2, seq // 4), seq + 1, (batch,), generator=gen)
+    ids = torch.randint(4, config.vocab_size - 1, (batch, seq), generator=gen)
+    mask = torch.arange(seq)[None, :] < sizes[:, None]
+    ids[:, 0] = 0
+    ids[torch.arange(batch), sizes - 1] = 2
+    ids = ids.masked_fill(~mask, config.pad_token_id)
+    labels = None
+    if task == "train":
+        chosen = (torch.rand(batch, seq, generator=gen) < 0.15) & mask
+        chosen[:, 1] |= True
+        labels = ids.masked_fill(~chosen, -100).to(device)
+    return ids.to(device), mask.long().to(device), labels, sizes.tolist()
+
+
+def _useful_flops(config, sizes: list[int], task: str, labelled: int) -> float:
+    """The work the model must do on real tokens only (x3 for forward + backward in training)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    per_layer = sum(n * 2 * (4 * h * h + 2 * h * inter) + 4 * n * n * h for n in sizes)
+    encoder = config.num_hidden_layers * per_layer
+    if task == "train":
+        return 3.0 * (encoder + labelled * 2 * (h * h + h * config.vocab_size))
+    return encoder + len(sizes) * 2 * (h * h + 2 * h)  # pooled classifier, two labels
+
+
+def _e2e_setup(shape: dict, layers: int, task: str, batch: int, seq: int, lengths: str,
+               device: str, dtype: torch.dtype, patched: bool, compiled: bool):
+    def setup():
+        from transformers import RobertaForMaskedLM, RobertaForSequenceClassification
+
+        config = _config(shape, "sdpa", num_hidden_layers=layers)
+        if patched:
+            patch = _patch_fn()
+        torch.manual_seed(layers * 1009 + batch)
+        model = (RobertaForMaskedLM(config) if task == "train"
+                 else RobertaForSequenceClassification(config))
+        if patched:
+            patch(model, unpad=True)
+        model = model.to(device=device, dtype=dtype)
+        model.train(task == "train")
+        run = torch.compile(model) if compiled else model
+        ids, mask, labels, _ = _e2e_batch(config, batch, seq, lengths, task, device,
+                                          seed=batch * 100003 + seq)
+        params = list(model.parameters())
+
+        if task == "train":
+            def fn():
+                run(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+                for p in params:
+                    p.grad = None
+        else:
+            def fn():
+                with torch.inference_mode():
+                    run(input_ids=ids, attention_mask=mask)
+
+        return fn
+
+    return setup
+
+
+def _e2e_sizes(device: str, quick: bool) -> list[tuple[str, dict, int, str, int, int]]:
+    """(name, shape, layers, task, batch, seq) of the end-to-end groups."""
+    if device == "cuda":
+        return [("roberta-base", ROBERTA_BASE, 12, "train", 32, 512),
+                ("roberta-base", ROBERTA_BASE, 12, "infer", 128, 512)]
+    if quick:  # 2 of 12 layers: the quick run stays short
+        return [("roberta-base (2 of 12 layers)", ROBERTA_BASE, 2, "train", 8, 128),
+                ("roberta-base (2 of 12 layers)", ROBERTA_BASE, 2, "infer", 32, 128)]
+    return [("roberta-base", ROBERTA_BASE, 12, "train", 8, 128),
+            ("roberta-base", ROBERTA_BASE, 12, "infer", 32, 128)]
+
+
+def e2e_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """Throughput groups: stock, torch.compile(stock), patched (unpad), torch.compile(patched)."""
+    # Compiling a model takes minutes on a CPU and tens of seconds on a GPU host: not in --quick.
+    compile_too = not quick
+    # The GPU's quick run has seconds for this suite: the realistic lengths only.
+    lengths_run = ["realistic"] if quick and device == "cuda" else list(E2E_LENGTHS)
+    for name, shape, layers, task, batch, seq in _e2e_sizes(device, quick):
+        config = _config(shape, "sdpa", num_hidden_layers=layers)
+        for lengths in lengths_run:
+            desc = E2E_LENGTHS[lengths]
+            _, _, labels, sizes = _e2e_batch(config, batch, seq, lengths, task, "cpu",
+                                             seed=batch * 100003 + seq)
+            labelled = int((labels != -100).sum()) if labels is not None else 0
+            group = f"e2e {task} {name} b{batch} s{seq} {desc.replace('seq', str(seq))}"
+            params = {"kind": "e2e", "task": task, "layers": layers, "batch": batch, "seq": seq,
+                      "lengths": lengths, "real_tokens": sum(sizes)}
+            flops = _useful_flops(config, sizes, task, labelled)
+            impls = [("HF sdpa", False, False), ("torch.compile(HF sdpa)", False, True),
+                     ("roberta_fast unpad", True, False),
+                     ("torch.compile(roberta_fast unpad)", True, True)]
+            for impl, patched, compiled in impls:
+                if compiled and not compile_too:
+                    continue
+                yield Case(group, impl, _e2e_setup(shape, layers, task, batch, seq, lengths,
+                                                   device, dtype, patched, compiled),
+                           flops=flops, baseline=not patched, params=params, interleave=True,
+                           tokens=sum(sizes))
+
+
 def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     """Layer and whole-model cases: stock baselines first, then each fast backend of the device."""
     layer_sizes, model_sizes = _sizes(device, quick)
@@ -219,6 +343,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                            _model_setup(shape, layers, batch, seq, device, dtype, "sdpa", False,
                                         backend, unpad),
                            flops=flops, params=params)
+    yield from e2e_cases(device, dtype, quick)
 
 
 try:

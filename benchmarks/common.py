@@ -33,6 +33,12 @@ class Case:
     flops: float | None = None
     baseline: bool = False
     params: dict = field(default_factory=dict)
+    # Timed round-robin with the other interleaved cases of its group, best of a few rounds
+    # (``run_interleaved``): for cases long enough that a median per case, taken minutes apart on
+    # a shared machine, would compare different loads.
+    interleave: bool = False
+    # Real (non-padding) tokens one call processes, for a tokens/s column.
+    tokens: float | None = None
 
     @property
     def id(self) -> str:
@@ -140,22 +146,62 @@ def peak_memory(fn: Callable[[], object], device: str) -> float | None:
         return None
 
 
+def _row(case: Case, seconds: float, spread_s: float, runs: int, mem: float | None) -> dict:
+    row = {
+        "group": case.group, "impl": case.impl, "baseline": case.baseline,
+        "median_s": seconds, "iqr_s": spread_s, "runs": runs,
+        "peak_mem_bytes": mem, "params": case.params,
+    }
+    if case.bytes:
+        row["gb_per_s"] = case.bytes / seconds / 1e9
+    if case.flops:
+        row["tflop_per_s"] = case.flops / seconds / 1e12
+    if case.tokens:
+        row["tokens_per_s"] = case.tokens / seconds
+    return row
+
+
 def run_case(case: Case, device: str, quick: bool = False) -> dict:
     """Set up, time and measure one case; a plain dict ready for JSON."""
     fn = case.setup()
     timing = measure(fn, device, quick=quick)
-    mem = peak_memory(fn, device)
-    row = {
-        "group": case.group, "impl": case.impl, "baseline": case.baseline,
-        "median_s": timing.median_s, "iqr_s": timing.iqr_s, "runs": timing.runs,
-        "peak_mem_bytes": mem, "params": case.params,
-    }
-    if case.bytes:
-        row["gb_per_s"] = case.bytes / timing.median_s / 1e9
-    if case.flops:
-        row["tflop_per_s"] = case.flops / timing.median_s / 1e12
+    row = _row(case, timing.median_s, timing.iqr_s, timing.runs, peak_memory(fn, device))
     del fn
     return row
+
+
+def run_interleaved(cases: list[Case], device: str, *, rounds: int = 3,
+                    min_round_s: float = 0.0) -> list[dict]:
+    """Time ``cases`` (one group) round-robin: each round calls every case's closure in turn, and
+    a case's time is its best call over the rounds (``best_times``), so that load from other work
+    falls on all of them alike. Rows as ``run_case`` makes them, in the order of ``cases``; a
+    case whose setup raises ``Unavailable`` gets ``{"status": "skipped"}`` fields instead.
+
+    Every case is set up and called once (a warm-up, compiling where it compiles) before the
+    first round, so their inputs and models live together for the group's duration.
+    """
+    fns: dict[str, Callable[[], object]] = {}
+    skipped: dict[str, str] = {}
+    for case in cases:
+        try:
+            fns[case.impl] = case.setup()
+        except Unavailable as exc:
+            skipped[case.impl] = str(exc)
+    for fn in fns.values():  # warm-up (and compilation) outside the rounds
+        fn()
+        synchronize(device)
+    best = best_times(fns, device, rounds=rounds, min_round_s=min_round_s) if fns else {}
+    rows = []
+    for case in cases:
+        if case.impl in skipped:
+            rows.append({"group": case.group, "impl": case.impl, "baseline": case.baseline,
+                         "params": case.params, "status": "skipped",
+                         "reason": skipped[case.impl]})
+            continue
+        row = _row(case, best[case.impl], 0.0, rounds, peak_memory(fns[case.impl], device))
+        row["timing"] = f"best of {rounds} interleaved rounds"
+        rows.append(row)
+    return rows
 
 
 def iter_cases(cases_fns: Iterable[CasesFn], device: str, dtype: torch.dtype,
@@ -210,8 +256,9 @@ def native_backends(device: str) -> list[str]:
 def best_times(fns: dict[str, Callable[[], object]], device: str = "cpu", *, rounds: int = 5,
                min_round_s: float = 0.25) -> dict[str, float]:
     """Best time of one call of each ``fn``, measured round-robin: every round calls each fn
-    in turn for at least ``min_round_s``, so that load from other processes falls on all of them
-    alike; the minimum over every call of every round is kept (the least disturbed run).
+    in turn, once and then again until ``min_round_s`` is spent, so that load from other
+    processes falls on all of them alike; the minimum over every call of every round is kept
+    (the least disturbed run).
 
     For side-by-side comparisons on a shared machine, where a median per implementation taken at
     different moments compares different loads.
@@ -225,13 +272,15 @@ def best_times(fns: dict[str, Callable[[], object]], device: str = "cpu", *, rou
     for _ in range(rounds):
         for name, fn in fns.items():
             spent = 0.0
-            while spent < min_round_s:
+            while True:
                 start = time.perf_counter()
                 fn()
                 synchronize(device)
                 took = time.perf_counter() - start
                 spent += took
                 best[name] = min(best[name], took)
+                if spent >= min_round_s:
+                    break
     return best
 
 

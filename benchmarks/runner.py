@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn)
 from rich.table import Table
 
-from benchmarks.common import Case, CasesFn, Unavailable, measure, run_case
+from benchmarks.common import Case, CasesFn, Unavailable, measure, run_case, run_interleaved
 from roberta_fast.profiling import environment, save_report
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -65,16 +65,17 @@ def discover(ops: Iterable[str] | None = None) -> dict[str, Suite]:
 # Ceilings
 # ---------------------------------------------------------------------------------------------
 
-def measure_ceilings(device: str, quick: bool = True) -> dict:
+def measure_ceilings(device: str, quick: bool = True, dtype: torch.dtype | None = None) -> dict:
     """Copy bandwidth (device-to-device copy of a large tensor) and dense matmul throughput.
 
-    GPU: a 1 GiB copy and an 8192^3 bf16 matmul. CPU: a 256 MiB copy and a 2048^3 fp32 matmul
-    (torch's threads), so the fraction-of-ceiling column exists there too.
+    GPU: a 1 GiB copy and an 8192^3 bf16 matmul. CPU: a 256 MiB copy and a 2048^3 matmul in the
+    run's ``dtype`` (fp32 by default; bf16 runs on AMX where the CPU has it, so a bf16 run is
+    measured against the bf16 ceiling), on torch's threads.
     """
     if device == "cuda":
         n_bytes, size, mm_dtype = 1 << 30, 8192, torch.bfloat16
     else:
-        n_bytes, size, mm_dtype = 256 << 20, 2048, torch.float32
+        n_bytes, size, mm_dtype = 256 << 20, 2048, dtype or torch.float32
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     copy_t = measure(lambda: dst.copy_(src), device, quick=True)
@@ -140,6 +141,39 @@ def plan(suites: dict[str, Suite], device: str, dtype: torch.dtype, quick: bool,
     return planned
 
 
+def _batches(planned: list[tuple[str, Case]]) -> list[tuple[str, list[Case]]]:
+    """The planned cases in timing units: a case alone, or the consecutive interleaved cases of
+    one op and group together."""
+    units: list[tuple[str, list[Case]]] = []
+    for op, case in planned:
+        last = units[-1] if units else None
+        if (case.interleave and last is not None and last[0] == op and last[1][0].interleave
+                and last[1][0].group == case.group):
+            last[1].append(case)
+        else:
+            units.append((op, [case]))
+    return units
+
+
+def _run_batch(batch: list[Case], device: str, quick: bool) -> list[dict]:
+    """Rows of one timing unit (see ``_batches``); failures become rows, never exceptions."""
+    base = [{"group": c.group, "impl": c.impl, "baseline": c.baseline, "params": c.params}
+            for c in batch]
+    try:
+        if batch[0].interleave:
+            rows = run_interleaved(batch, device, rounds=2 if quick else 3)
+        else:
+            rows = [run_case(batch[0], device, quick)]
+    except Unavailable as exc:
+        return [{**b, "status": "skipped", "reason": str(exc)} for b in base]
+    except Exception as exc:  # noqa: BLE001 - one failing case must not stop the run
+        return [{**b, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
+                 "traceback": traceback.format_exc(limit=6)} for b in base]
+    for row in rows:
+        row.setdefault("status", "ok")
+    return rows
+
+
 def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bool,
         filter: str | None = None, console: Console | None = None,
         suites: dict[str, Suite] | None = None, ceilings: dict | None = None,
@@ -162,23 +196,14 @@ def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bo
                   transient=False) as progress:
         task = progress.add_task("ceilings", total=len(planned) + (0 if ceilings else 1))
         if ceilings is None:
-            ceilings = measure_ceilings(device, quick)
+            ceilings = measure_ceilings(device, quick, dtype)
             progress.advance(task)
-        for op, case in planned:
-            progress.update(task, description=f"{op}: {case.group} | {case.impl}")
-            base = {"op": op, "group": case.group, "impl": case.impl, "baseline": case.baseline,
-                    "params": case.params}
-            try:
-                row = {"op": op, **run_case(case, device, quick)}
-            except Unavailable as exc:
-                row = {**base, "status": "skipped", "reason": str(exc)}
-            except Exception as exc:  # noqa: BLE001 - one failing case must not stop the run
-                row = {**base, "status": "error", "reason": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc(limit=6)}
-            else:
-                row["status"] = "ok"
-            rows.append(row)
-            progress.advance(task)
+        for op, batch in _batches(planned):
+            first = batch[0]
+            what = first.group if len(batch) > 1 else f"{first.group} | {first.impl}"
+            progress.update(task, description=f"{op}: {what}")
+            rows.extend({"op": op, **row} for row in _run_batch(batch, device, quick))
+            progress.advance(task, len(batch))
             if device == "cuda":
                 torch.cuda.empty_cache()
         progress.update(task, description="done")
@@ -255,9 +280,16 @@ def render(report: dict, console: Console | None = None) -> None:
                 table.add_row(group, impl, f"[{color}]{r.get('status')}[/{color}]", "", "",
                               f"[{color}]{escape(reason)}[/{color}]", "")
                 continue
-            spread = f"± {_fmt_time(r['iqr_s'])}" if r.get("runs", 0) > 1 else "(1 run)"
+            if r.get("timing"):  # interleaved: the best of its rounds
+                spread = f"(best of {r['runs']})"
+            else:
+                spread = f"± {_fmt_time(r['iqr_s'])}" if r.get("runs", 0) > 1 else "(1 run)"
             timing = f"{_fmt_time(r['median_s'])} {spread}"
-            if "tflop_per_s" in r:
+            if "tokens_per_s" in r:
+                throughput = f"{r['tokens_per_s']:,.0f} tok/s"
+                if "tflop_per_s" in r:
+                    throughput += f", {r['tflop_per_s']:.3g} TFLOP/s"
+            elif "tflop_per_s" in r:
                 throughput = f"{r['tflop_per_s']:.3g} TFLOP/s"
             elif "gb_per_s" in r:
                 throughput = f"{r['gb_per_s']:.3g} GB/s"

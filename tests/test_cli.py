@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def _tiny_sizes(device, quick):
             [("tiny-mlm", TINY, 2, 2, 16)])
 
 
+def _tiny_e2e_sizes(device, quick):
+    return [("tiny", TINY, 2, "train", 3, 16), ("tiny", TINY, 2, "infer", 3, 16)]
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     from benchmarks import bench_model
@@ -106,6 +111,7 @@ def bench_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench_model, "_sizes", _tiny_sizes)
+        mp.setattr(bench_model, "_e2e_sizes", _tiny_e2e_sizes)
         code, stdout, stderr = run_main(["bench", "--quick", "--op", "model", "--device", "cpu",
                                          "--dtype", "fp32", "--out", str(out_dir), "--plot"])
     return code, stdout, stderr, out_dir
@@ -127,7 +133,8 @@ def test_bench_writes_json_with_environment_ceilings_and_rows(bench_run):
 
     rows = report["rows"]
     groups = {r["group"] for r in rows}
-    assert len(groups) == 3  # two layer sizes and one model size
+    # two layer sizes, one model size, and e2e training and inference at two length mixes
+    assert len(groups) == 7
     baselines = [r for r in rows if r["baseline"]]
     assert baselines and all(r["status"] == "ok" for r in baselines)
     for r in baselines:
@@ -136,11 +143,34 @@ def test_bench_writes_json_with_environment_ceilings_and_rows(bench_run):
         others = [b for b in baselines if b["group"] == r["group"] and b is not r]
         assert set(r["speedup"]) == {b["impl"] for b in others}
     fast = [r for r in rows if not r["baseline"]]
-    assert {r["impl"] for r in fast} == {"roberta_fast cpu"}
+    assert {r["impl"] for r in fast} == {"roberta_fast cpu", "roberta_fast unpad"}
     for r in fast:
         assert r["status"] in ("ok", "skipped"), r.get("reason")
         if r["status"] == "skipped":
             assert r["reason"]
+
+
+def test_bench_e2e_rows_are_interleaved_throughput_of_real_tokens(bench_run):
+    _, stdout, _, out_dir = bench_run
+    report = json.loads((out_dir / "bench-latest.json").read_text())
+    e2e = [r for r in report["rows"] if r["params"].get("kind") == "e2e"]
+    # --quick on a CPU: stock and patched, no compiled rows, for 2 tasks x 2 length mixes
+    assert len(e2e) == 8
+    assert {r["impl"] for r in e2e} == {"HF sdpa", "roberta_fast unpad"}
+    assert {(r["params"]["task"], r["params"]["lengths"]) for r in e2e} == {
+        (t, n) for t in ("train", "infer") for n in ("realistic", "full")}
+    for r in e2e:
+        assert r["status"] == "ok", r.get("reason")
+        assert r["timing"] == "best of 2 interleaved rounds"
+        real = r["params"]["real_tokens"]
+        full = r["params"]["batch"] * r["params"]["seq"]
+        assert (real == full) == (r["params"]["lengths"] == "full") and real <= full
+        assert r["tokens_per_s"] == pytest.approx(real / r["median_s"])
+        assert r["tflop_per_s"] > 0
+    for r in e2e:
+        if not r["baseline"]:  # the speedup is measured against the group's stock row
+            assert set(r["speedup"]) == {"HF sdpa"} and r["speedup"]["HF sdpa"] > 0
+    assert "tok/s" in stdout and "(best of 2)" in stdout
 
 
 def test_bench_prints_one_table_per_op_with_every_case(bench_run):
@@ -174,8 +204,8 @@ def test_bench_model_cases_follow_the_case_contract():
     from benchmarks import bench_model
     from benchmarks.common import Case
 
-    for device in ("cpu", "cuda"):
-        cases = list(bench_model.cases(device, torch.float32, True))
+    for device, quick in itertools.product(("cpu", "cuda"), (True, False)):
+        cases = list(bench_model.cases(device, torch.float32, quick))
         assert cases and all(isinstance(c, Case) and c.flops > 0 for c in cases)
         by_group: dict[str, list[Case]] = {}
         for c in cases:
@@ -184,6 +214,11 @@ def test_bench_model_cases_follow_the_case_contract():
             assert members[0].baseline, group  # baselines are listed first
             assert any(not c.baseline for c in members), group
             assert len({c.impl for c in members}) == len(members), group
+        e2e = [c for c in cases if c.params.get("kind") == "e2e"]
+        assert e2e and all(c.interleave and c.tokens > 0 for c in e2e)
+        compiled = {c.impl for c in e2e if c.impl.startswith("torch.compile")}
+        assert compiled == (set() if quick else {"torch.compile(HF sdpa)",
+                                                 "torch.compile(roberta_fast unpad)"})
     gpu_impls = {c.impl for c in bench_model.cases("cuda", torch.bfloat16, True)}
     assert {"torch.compile(HF sdpa)", "roberta_fast triton", "roberta_fast cuda unpad"} <= gpu_impls
 
@@ -320,6 +355,7 @@ def test_bench_on_gpu_reports_fraction_of_measured_ceilings(tmp_path, monkeypatc
     from benchmarks import bench_model
 
     monkeypatch.setattr(bench_model, "_sizes", _tiny_sizes)
+    monkeypatch.setattr(bench_model, "_e2e_sizes", _tiny_e2e_sizes)
     code, stdout, stderr = run_main(["bench", "--quick", "--op", "model", "--device", "cuda",
                                      "--filter", "HF sdpa", "--out", str(tmp_path)])
     assert code == 0, stdout + stderr
