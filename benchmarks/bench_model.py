@@ -11,7 +11,8 @@ End-to-end throughput (groups ``e2e ...``): a training step of ``RobertaForMaske
 backward with dropout, 15% of the real tokens labelled; no optimizer step, which costs the same in
 every row) and inference of ``RobertaForSequenceClassification`` under ``torch.inference_mode``,
 the whole model in the run's dtype (``model.to(dtype)``), on a padded batch with lengths uniform
-in [seq/4, seq] and on a full-length batch. Rows: stock (HF sdpa), ``torch.compile`` of it, the
+in [seq/4, seq] and on a full-length batch; in a bf16/fp16 run also the training step of the fp32
+model under ``torch.autocast`` (mixed precision) at realistic lengths. Rows: stock (HF sdpa), ``torch.compile`` of it, the
 patched model (``patch(model, unpad=True)``) and ``torch.compile`` of that (compiled rows outside ``--quick``
 only; a quick GPU run has the realistic lengths only). They are timed interleaved,
 best of a few rounds, and report real (non-padding) tokens per second; TFLOP/s there count only
@@ -236,7 +237,9 @@ def _useful_flops(config, sizes: list[int], task: str, labelled: int) -> float:
 
 
 def _e2e_setup(shape: dict, layers: int, task: str, batch: int, seq: int, lengths: str,
-               device: str, dtype: torch.dtype, patched: bool, compiled: bool):
+               device: str, dtype: torch.dtype, patched: bool, compiled: bool, amp: bool):
+    """``amp``: fp32 weights, the step under ``torch.autocast(device, dtype)`` (mixed-precision
+    training); otherwise the whole model in ``dtype``."""
     def setup():
         from transformers import RobertaForMaskedLM, RobertaForSequenceClassification
 
@@ -248,7 +251,7 @@ def _e2e_setup(shape: dict, layers: int, task: str, batch: int, seq: int, length
                  else RobertaForSequenceClassification(config))
         if patched:
             patch(model, unpad=True)
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=torch.float32 if amp else dtype)
         model.train(task == "train")
         run = torch.compile(model) if compiled else model
         ids, mask, labels, _ = _e2e_batch(config, batch, seq, lengths, task, device,
@@ -257,7 +260,9 @@ def _e2e_setup(shape: dict, layers: int, task: str, batch: int, seq: int, length
 
         if task == "train":
             def fn():
-                run(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+                with torch.autocast(device, dtype=dtype, enabled=amp):
+                    loss = run(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
                 for p in params:
                     p.grad = None
         else:
@@ -288,16 +293,23 @@ def e2e_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
     compile_too = not quick
     # The GPU's quick run has seconds for this suite: the realistic lengths only.
     lengths_run = ["realistic"] if quick and device == "cuda" else list(E2E_LENGTHS)
+    # Half-precision runs also train under autocast (fp32 weights), at realistic lengths.
+    half = dtype in (torch.bfloat16, torch.float16)
     for name, shape, layers, task, batch, seq in _e2e_sizes(device, quick):
         config = _config(shape, "sdpa", num_hidden_layers=layers)
-        for lengths in lengths_run:
+        runs = [(lengths, False) for lengths in lengths_run]
+        if half and task == "train":
+            runs.append(("realistic", True))
+        for lengths, amp in runs:
             desc = E2E_LENGTHS[lengths]
             _, _, labels, sizes = _e2e_batch(config, batch, seq, lengths, task, "cpu",
                                              seed=batch * 100003 + seq)
             labelled = int((labels != -100).sum()) if labels is not None else 0
             group = f"e2e {task} {name} b{batch} s{seq} {desc.replace('seq', str(seq))}"
+            if amp:
+                group += f" autocast {'bf16' if dtype == torch.bfloat16 else 'fp16'}"
             params = {"kind": "e2e", "task": task, "layers": layers, "batch": batch, "seq": seq,
-                      "lengths": lengths, "real_tokens": sum(sizes)}
+                      "lengths": lengths, "real_tokens": sum(sizes), "autocast": amp}
             flops = _useful_flops(config, sizes, task, labelled)
             impls = [("HF sdpa", False, False), ("torch.compile(HF sdpa)", False, True),
                      ("roberta_fast unpad", True, False),
@@ -306,7 +318,7 @@ def e2e_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
                 if compiled and not compile_too:
                     continue
                 yield Case(group, impl, _e2e_setup(shape, layers, task, batch, seq, lengths,
-                                                   device, dtype, patched, compiled),
+                                                   device, dtype, patched, compiled, amp),
                            flops=flops, baseline=not patched, params=params, interleave=True,
                            tokens=sum(sizes))
 

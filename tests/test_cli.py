@@ -219,6 +219,10 @@ def test_bench_model_cases_follow_the_case_contract():
         compiled = {c.impl for c in e2e if c.impl.startswith("torch.compile")}
         assert compiled == (set() if quick else {"torch.compile(HF sdpa)",
                                                  "torch.compile(roberta_fast unpad)"})
+    # Half-precision runs add mixed-precision training (fp32 weights under autocast).
+    amp = [c for c in bench_model.e2e_cases("cpu", torch.bfloat16, True) if c.params["autocast"]]
+    assert amp and all(c.group.endswith("autocast bf16") and c.params["task"] == "train"
+                       for c in amp)
     gpu_impls = {c.impl for c in bench_model.cases("cuda", torch.bfloat16, True)}
     assert {"torch.compile(HF sdpa)", "roberta_fast triton", "roberta_fast cuda unpad"} <= gpu_impls
 
