@@ -12,7 +12,7 @@ SDPA (on a GPU each of its flash / efficient / cuDNN / math backends; on a CPU g
 key-padding mask as ``_sdpa_padded`` does). Ours: every roberta_fast backend that runs natively on
 the device (on a CPU, the C++ kernels of csrc/cpu/attention.cpp).
 
-``python -m benchmarks.bench_attention --interleaved`` times our CPU kernels and SDPA on the
+``python -m benchmarks.bench_attention`` times our CPU kernels and SDPA on the
 RoBERTa-base training batch (B 8, L 128, 12 x 64, lengths U[32, 128]) interleaved in one
 process, best of several rounds: the comparison to trust on a machine shared with other work.
 """

@@ -140,18 +140,26 @@ def _layer_setup(shape: dict, batch: int, seq: int, device: str, dtype: torch.dt
     return setup
 
 
-def _model_inputs(config, batch: int, seq: int, device: str, seed: int):
+def _batch(config, batch: int, seq: int, lengths: str, task: str, device: str, seed: int):
+    """(input_ids, attention_mask, labels or None, real lengths) of a synthetic batch: lengths
+    ``"realistic"`` (uniform in [seq/4, seq]) or ``"full"``; labels (15% of the real tokens, at
+    least one per row) for ``task == "train"``."""
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(max(2, seq // 4), seq + 1, (batch,), generator=gen)
+    if lengths == "full":
+        sizes = torch.full((batch,), seq)
+    else:
+        sizes = torch.randint(max(2, seq // 4), seq + 1, (batch,), generator=gen)
     ids = torch.randint(4, config.vocab_size - 1, (batch, seq), generator=gen)
-    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    mask = torch.arange(seq)[None, :] < sizes[:, None]
     ids[:, 0] = 0
-    ids[torch.arange(batch), lengths - 1] = 2
+    ids[torch.arange(batch), sizes - 1] = 2
     ids = ids.masked_fill(~mask, config.pad_token_id)
-    chosen = (torch.rand(batch, seq, generator=gen) < 0.15) & mask
-    chosen[:, 1] |= True  # at least one label per row
-    labels = ids.masked_fill(~chosen, -100)
-    return ids.to(device), mask.long().to(device), labels.to(device)
+    labels = None
+    if task == "train":
+        chosen = (torch.rand(batch, seq, generator=gen) < 0.15) & mask
+        chosen[:, 1] |= True
+        labels = ids.masked_fill(~chosen, -100).to(device)
+    return ids.to(device), mask.long().to(device), labels, sizes.tolist()
 
 
 def _model_setup(shape: dict, layers: int, batch: int, seq: int, device: str,
@@ -168,7 +176,8 @@ def _model_setup(shape: dict, layers: int, batch: int, seq: int, device: str,
             patch(model, backend=backend, unpad=unpad)
         model = model.to(device=device, dtype=dtype).train()
         run = torch.compile(model) if compiled else model
-        ids, mask, labels = _model_inputs(config, batch, seq, device, seed=batch * 100003 + seq)
+        ids, mask, labels, _ = _batch(config, batch, seq, "realistic", "train", device,
+                                      seed=batch * 100003 + seq)
         pin = _pin(backend)
 
         def fn():
@@ -206,26 +215,6 @@ def _sizes(device: str, quick: bool) -> tuple[list, list]:
 E2E_LENGTHS = {"realistic": "lengths U[seq/4, seq]", "full": "full length"}
 
 
-def _e2e_batch(config, batch: int, seq: int, lengths: str, task: str, device: str, seed: int):
-    """(input_ids, attention_mask, labels or None, real lengths) of one e2e batch."""
-    gen = torch.Generator().manual_seed(seed)
-    if lengths == "full":
-        sizes = torch.full((batch,), seq)
-    else:
-        sizes = torch.randint(max(2, seq // 4), seq + 1, (batch,), generator=gen)
-    ids = torch.randint(4, config.vocab_size - 1, (batch, seq), generator=gen)
-    mask = torch.arange(seq)[None, :] < sizes[:, None]
-    ids[:, 0] = 0
-    ids[torch.arange(batch), sizes - 1] = 2
-    ids = ids.masked_fill(~mask, config.pad_token_id)
-    labels = None
-    if task == "train":
-        chosen = (torch.rand(batch, seq, generator=gen) < 0.15) & mask
-        chosen[:, 1] |= True
-        labels = ids.masked_fill(~chosen, -100).to(device)
-    return ids.to(device), mask.long().to(device), labels, sizes.tolist()
-
-
 def _useful_flops(config, sizes: list[int], task: str, labelled: int) -> float:
     """The work the model must do on real tokens only (x3 for forward + backward in training)."""
     h, inter = config.hidden_size, config.intermediate_size
@@ -254,7 +243,7 @@ def _e2e_setup(shape: dict, layers: int, task: str, batch: int, seq: int, length
         model = model.to(device=device, dtype=torch.float32 if amp else dtype)
         model.train(task == "train")
         run = torch.compile(model) if compiled else model
-        ids, mask, labels, _ = _e2e_batch(config, batch, seq, lengths, task, device,
+        ids, mask, labels, _ = _batch(config, batch, seq, lengths, task, device,
                                           seed=batch * 100003 + seq)
         params = list(model.parameters())
 
@@ -302,7 +291,7 @@ def e2e_cases(device: str, dtype: torch.dtype, quick: bool) -> Iterator[Case]:
             runs.append(("realistic", True))
         for lengths, amp in runs:
             desc = E2E_LENGTHS[lengths]
-            _, _, labels, sizes = _e2e_batch(config, batch, seq, lengths, task, "cpu",
+            _, _, labels, sizes = _batch(config, batch, seq, lengths, task, "cpu",
                                              seed=batch * 100003 + seq)
             labelled = int((labels != -100).sum()) if labels is not None else 0
             group = f"e2e {task} {name} b{batch} s{seq} {desc.replace('seq', str(seq))}"

@@ -554,11 +554,17 @@ def test_cpu_and_reference_dropout(backend):
 
 # q . k of a NaN key is NaN before the mask replaces it: numpy says so in the interpreter.
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
-@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
-def test_nan_in_padded_keys_and_values_stays_out_of_real_rows(backend, triton_device):
-    dev = triton_device if backend == "triton" else "cpu"
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu",
+                                     pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nan_in_padded_keys_and_values_stays_out_of_real_rows(backend, request):
+    dev = {"triton": None, "cuda": "cuda"}.get(backend, "cpu")
+    if dev is None:
+        dev = request.getfixturevalue("triton_device")
+    # bf16 on cuda: the C++ forward's dtype (fp32 would run the Triton kernels there)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
     batch, seqlen, heads, head_dim = 3, 37, 2, 32  # padding inside full key tiles too
-    q, k, v, grad_out = (randn(batch, seqlen, heads, head_dim, device=dev) for _ in range(4))
+    q, k, v, grad_out = (randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
+                         for _ in range(4))
     mask = _mask("holes", batch, seqlen, dev)  # the last sequence is all padding
     mask[1, seqlen // 2:] = False
     k_bad, v_bad = k.clone(), v.clone()
