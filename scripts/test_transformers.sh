@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(4.57.6 5.0.0)
 tests=(tests/test_patch.py tests/test_training.py tests/test_attention_module.py
-       tests/test_masking.py tests/test_padding.py tests/test_masked_lm_loss.py)
+       tests/test_masking.py tests/test_padding.py tests/test_masked_lm_loss.py
+       tests/test_regimes.py)
 
 for version in "${versions[@]}"; do
   venv=build/venv-transformers-$version
