@@ -275,6 +275,35 @@ def test_dropout_in_training_is_random_and_finite():
         assert torch.equal(fast(hidden)[0], fast(hidden)[0])
 
 
+def test_packed_dropout_rows_start_on_philox_counters(count_ops, monkeypatch):
+    """In training the packed path passes max_seqlen rounded up to a multiple of 4 (rows of
+    dropout offsets on Philox counter boundaries: the GPU kernels' grouped draw); evaluation
+    passes it as given. The result is the op's, called with the rounded length."""
+    seen = []
+    counter = count_ops["attention_varlen"]
+    inner = counter.fn
+    counter.fn = lambda q, k, v, cu, max_seqlen, **kw: (seen.append(max_seqlen),
+                                                        inner(q, k, v, cu, max_seqlen, **kw))[1]
+    cfg = _config("roberta", "sdpa", dropout=0.3)
+    fast = FastRobertaSelfAttention.convert(RobertaSelfAttention(cfg))
+    lengths = [5, 1, 7, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    hidden = randn(1, sum(lengths), cfg.hidden_size)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    seed = torch.seed()
+    fast.train()(hidden, **kw)
+    fast.eval()(hidden, **kw)
+    assert seen == [8, 7]
+    torch.manual_seed(seed)
+    heads, head_dim = fast.num_attention_heads, fast.attention_head_size
+    x = hidden.reshape(-1, cfg.hidden_size)
+    q, k, v = (lin(x).view(-1, heads, head_dim) for lin in (fast.query, fast.key, fast.value))
+    want = inner(q, k, v, cu, 8, dropout_p=0.3, scale=head_dim ** -0.5)
+    torch.manual_seed(seed)
+    got, _ = fast.train()(hidden, **kw)
+    torch.testing.assert_close(got.view(-1, heads, head_dim), want)
+
+
 def test_convert_keeps_identity_and_reverts():
     cfg = _config("roberta", "eager")
     module = RobertaSelfAttention(cfg)

@@ -381,11 +381,17 @@ class _FastSelfAttentionMixin(ClassSwapMixin):
             cu_seqlens = cu_seqlens.to(torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        max_seqlen = int(max_seqlen)
+        if dropout_p > 0.0:
+            # max_seqlen may exceed the longest sequence: a multiple of 4 puts every row of
+            # dropout offsets (stride max_seqlen) on a Philox counter boundary, so the GPU kernels
+            # draw one Philox call per four elements instead of one per element.
+            max_seqlen = (max_seqlen + 3) // 4 * 4
         heads, head_dim = self.num_attention_heads, self.attention_head_size
         x = hidden_states.reshape(total, hidden_states.shape[-1])
         q, k, v = project_qkv(self, x, heads, head_dim)
         with backend_scope(self):
-            out = _op("attention_varlen")(q, k, v, cu_seqlens, int(max_seqlen),
+            out = _op("attention_varlen")(q, k, v, cu_seqlens, max_seqlen,
                                           dropout_p=dropout_p, scale=scale)
         return out.reshape(*lead, total, heads * head_dim)
 

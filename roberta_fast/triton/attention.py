@@ -20,8 +20,9 @@ offset ``o = ((b * heads + h) * Lmax + i) * Lmax + j``, where ``Lmax`` is ``L`` 
 ``tl.randint4x(seed, o >> 2)`` is > p -- the rule of the LayerNorm kernels and of the CPU and CUDA
 code; kept values are scaled by ``1 / (1 - p)``. When ``Lmax % 4 == 0`` every row of offsets
 starts on a counter, and one Philox call serves four consecutive keys (``_keep_rows``); other
-``Lmax`` draw per element, four times the work, which only the smaller tiles hold in registers.
-The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
+``Lmax`` draw per element, four times the work, which only the smaller tiles hold in registers
+(the fast attention modules' packed path therefore passes ``max_seqlen`` rounded up to a multiple
+of 4 in training). The mask is regenerated in the backward, never stored. ``dropout_mask`` materialises it for tests.
 
 The functions here are plain launchers with no autograd; ``roberta_fast.ops.attention`` wraps them.
 """
