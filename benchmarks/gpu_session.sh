@@ -499,9 +499,10 @@ run_phase() {  # run_phase NAME PLANNED_LIMIT [unplanned]
   fi
   say "$name (limit ${t} s)"
   start=$(date +%s)
-  # SIGINT first (pytest then still writes its report), SIGKILL at the limit. timeout leads a
-  # process group of its own: whatever the phase left running (background jobs ignore SIGINT,
-  # and would hold the log's pipe open) is killed with that group when the phase returns.
+  # SIGINT first (pytest still writes its report, bench the rows it has), SIGKILL at the limit.
+  # timeout leads a process group of its own: whatever the phase left running (background jobs
+  # ignore SIGINT, and would hold the log's pipe open) is killed with that group when the phase
+  # returns.
   PHASE_LIMIT=$t bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$WORK/phase.pid" \
     timeout -s INT -k 4 $(( t > 8 ? t - 4 : t )) bash "$SELF" __phase "$name"
   rc=$?

@@ -182,7 +182,9 @@ def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bo
 
     ``suites`` replaces discovery and ``planned`` the case listing (see ``plan``); ``ceilings``
     skips measuring them. A case whose setup raises ``Unavailable`` is recorded as skipped, one
-    that fails as an error; neither stops the run.
+    that fails as an error; neither stops the run. An interrupt (SIGINT, as a time limit sends
+    it) stops the run but keeps it: the cases not finished are recorded as skipped and the
+    report has ``"interrupted": True``, so the rows measured so far are not lost.
     """
     console = console or Console()
     suites = suites if suites is not None else discover(ops)
@@ -198,15 +200,25 @@ def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bo
         if ceilings is None:
             ceilings = measure_ceilings(device, quick, dtype)
             progress.advance(task)
-        for op, batch in _batches(planned):
+        units = _batches(planned)
+        interrupted = False
+        for i, (op, batch) in enumerate(units):
             first = batch[0]
             what = first.group if len(batch) > 1 else f"{first.group} | {first.impl}"
             progress.update(task, description=f"{op}: {what}")
-            rows.extend({"op": op, **row} for row in _run_batch(batch, device, quick))
+            try:
+                rows.extend({"op": op, **row} for row in _run_batch(batch, device, quick))
+            except KeyboardInterrupt:
+                interrupted = True
+                for op_left, left in units[i:]:
+                    rows.extend({"op": op_left, "group": c.group, "impl": c.impl,
+                                 "baseline": c.baseline, "params": c.params, "status": "skipped",
+                                 "reason": "not run: the run was interrupted"} for c in left)
+                break
             progress.advance(task, len(batch))
             if device == "cuda":
                 torch.cuda.empty_cache()
-        progress.update(task, description="done")
+        progress.update(task, description="interrupted" if interrupted else "done")
 
     _add_comparisons(rows, ceilings)
     return {
@@ -219,6 +231,7 @@ def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bo
         "environment": environment(device),
         "ceilings": ceilings,
         "suites": {op: s.status for op, s in suites.items()},
+        "interrupted": interrupted,
         "rows": rows,
     }
 

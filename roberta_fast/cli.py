@@ -94,10 +94,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .profiling import results_dir
 
     out = Path(args.out) if args.out else results_dir(device)
-    paths = runner.save(report, out, runner.safe_tag(args.op), plot=args.plot)
+    # Interrupted (a time limit's SIGINT): the JSON first and alone, while there is time.
+    interrupted = report.get("interrupted", False)
+    paths = runner.save(report, out, runner.safe_tag(args.op), plot=args.plot and not interrupted)
     console.print(f"results: {paths['json']} (and {Path(paths['latest']).name})")
     for p in paths["plots"]:
         console.print(f"plot: {p}")
+    if interrupted:
+        print("roberta-fast bench: interrupted; the rows measured so far are saved",
+              file=sys.stderr)
+        return 130
     return 1 if any(r.get("status") == "error" for r in report["rows"]) else 0
 
 

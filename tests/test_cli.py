@@ -193,6 +193,36 @@ def test_bench_plot_writes_a_png(bench_run):
     assert report["plots"] == [str(png)]
 
 
+def test_bench_interrupted_keeps_the_rows_measured_so_far(tmp_path, monkeypatch):
+    """A SIGINT (what a time limit sends) mid-run: exit 130, the JSON written with the rows
+    measured before it and every other case recorded as not run."""
+    from benchmarks import bench_model, runner
+
+    monkeypatch.setattr(bench_model, "_sizes", _tiny_sizes)
+    monkeypatch.setattr(bench_model, "_e2e_sizes", _tiny_e2e_sizes)
+    real_run_batch, calls = runner._run_batch, []
+
+    def run_batch(batch, device, quick):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run_batch(batch, device, quick)
+
+    monkeypatch.setattr(runner, "_run_batch", run_batch)
+    code, _, err = run_main(["bench", "--quick", "--op", "model", "--device", "cpu",
+                             "--out", str(tmp_path), "--plot"])
+    assert code == 130 and "interrupted" in err
+    report = json.loads((tmp_path / "bench-latest.json").read_text())
+    assert report["interrupted"] is True and report["plots"] == []
+    rows = report["rows"]
+    planned = [(c.group, c.impl) for c in bench_model.cases("cpu", torch.float32, True)]
+    assert [(r["group"], r["impl"]) for r in rows] == planned  # every case, in order
+    measured = sum(len(b) for b in calls[:2])
+    assert all(r["status"] == "ok" for r in rows[:measured])
+    assert all(r["status"] == "skipped" and "interrupted" in r["reason"]
+               for r in rows[measured:])
+
+
 def test_bench_filter_that_matches_nothing_is_an_error():
     code, _, err = run_main(["bench", "--op", "model", "--device", "cpu", "--quick",
                              "--filter", "no-such-case"])
