@@ -28,15 +28,19 @@ from tests.helpers import rel_err  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Floors of the half-precision comparisons: the unit roundoff of the dtype for outputs, losses and
-# gradients (relative), and for parameter gradients a tenth of it as a fraction of the largest
-# gradient (the smallest gradients are sums that cancel, as in float32; see tests.hf.compare).
+# gradients (relative), and for parameter gradients the same as a fraction of the largest
+# gradient: the smallest gradients are sums that cancel (as in float32; see tests.hf.compare), and
+# in half precision a few-element one such as the classifier bias's (the mean of probabilities
+# minus one-hot) carries the rounding of its terms, which are of the largest gradient's size.
+# With a tenth of it, the fp16 classifier bias of the unpadded model failed 1 run in 40 at 3.8x
+# stock's error (stock: 3.6 ulps of the sum), no other case in 160.
 HALF_TOL = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def half_compare(stock, fast, batch, dtype, *, regime=contextlib.nullcontext, **kwargs):
     """``tests.hf.compare`` with the floors of ``dtype``."""
     tol = HALF_TOL[dtype]
-    return compare(stock, fast, batch, tol=tol, grad_floor=tol / 10, regime=regime, **kwargs)
+    return compare(stock, fast, batch, tol=tol, grad_floor=tol, regime=regime, **kwargs)
 
 
 def autocast(device: str, dtype: torch.dtype):
