@@ -663,7 +663,7 @@ def test_launch_tunes_unless_off_or_capturing(monkeypatch):
     """Tuning times every candidate with device syncs: skipped with ROBERTA_FAST_AUTOTUNE=0, and
     while a CUDA graph is captured unless the problem was tuned before (launch logic only)."""
     capturing = [False]
-    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     monkeypatch.setattr(kernels, "_TUNED", set())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(kernels, "_arch", lambda device: 90)

@@ -20,7 +20,6 @@ Backends (chosen by :func:`roberta_fast.backends.resolve` for the tensors' devic
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -326,7 +325,7 @@ def _check_gpu_kernel_input(q: Tensor, backend: str) -> None:
         raise ValueError(f"attention: the {backend} backend supports head dims up to "
                          f"{_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}; use the 'cpu' backend "
                          f"(torch SDPA) for larger heads")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if q.device.type == "cpu" and not backends.interpreting():
         raise RuntimeError("attention: the Triton kernels need CUDA tensors, or "
                            "TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors")
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 from typing import Iterator
 
 import torch
 
-__all__ = ["launch_context"]
+__all__ = ["INTERPRET", "launch_context"]
+
+# Whether the kernels run in Triton's interpreter. Read once, at import, as triton.jit does: it
+# decides between compiled and interpreted kernels for the whole process.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # CUstreamCaptureMode of the CUDA driver API.
 _CAPTURE_MODE_RELAXED = 2

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch_context
+from . import INTERPRET, launch_context
 
 __all__ = ["attention_fwd", "attention_bwd", "dropout_mask", "MAX_HEAD_DIM"]
 
@@ -51,11 +51,8 @@ _LOG2E = LOG2E.value
 # e.g. in tests, where tuning every shape would cost minutes of compilation.
 AUTOTUNE_ENV = "ROBERTA_FAST_AUTOTUNE"
 
-# Read once, as triton.jit does: it decides between compiled and interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 # Rows per program of the backward's delta kernel, elements per program of dropout_mask (GPU).
-DELTA_BLOCK_M = 16 if _INTERPRET else 64
+DELTA_BLOCK_M = 16 if INTERPRET else 64
 DROPOUT_MASK_BLOCK = 1024
 
 
@@ -116,7 +113,7 @@ class _Tuning(NamedTuple):
 
 
 def _configs(tuning: _Tuning) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         # The interpreter executes programs in numpy: one small tile keeps tests quick.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     tiles = {}
@@ -234,7 +231,7 @@ def _config_key(c: triton.Config) -> tuple:
 
 def _prune(tuning: _Tuning):
     """The autotuner's pruning hook: :func:`pickable_tiles` on the launch arguments."""
-    if _INTERPRET:
+    if INTERPRET:
         return None
 
     def prune(configs, named_args, **kwargs):
@@ -779,7 +776,7 @@ def dropout_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int, p: flo
     out = torch.empty(batch, heads, seqlen, seqlen, dtype=torch.uint8, device=seed.device)
     if out.numel() == 0:
         return out.bool()
-    block = 256 if _INTERPRET else DROPOUT_MASK_BLOCK
+    block = 256 if INTERPRET else DROPOUT_MASK_BLOCK
     grid = (triton.cdiv(seqlen * seqlen, block), heads, batch)
     with launch_context(seed):
         _dropout_mask_kernel[grid](out, seed, seqlen * seqlen, float(p), BLOCK=block)
@@ -848,7 +845,7 @@ class _Layout:
         # fp32 attention is the accuracy path: no TF32 truncation.
         if q.dtype == torch.float32:
             self.dot_prec = "ieee"
-        elif q.dtype == torch.bfloat16 and _INTERPRET:
+        elif q.dtype == torch.bfloat16 and INTERPRET:
             self.dot_prec = "upcast"
         else:
             self.dot_prec = "tf32"
@@ -896,7 +893,7 @@ def _launch(kernel, tuning: _Tuning, lay: _Layout, grid_block: str, dtype: torch
     """
     constexprs = lay.constexprs(dropout)
     grid = lay.grid(grid_block)
-    if _INTERPRET:  # one configuration there, nothing to tune
+    if INTERPRET:  # one configuration there, nothing to tune
         kernel[grid](*args, **constexprs)
         return
     key = (kernel.base_fn.__name__, dtype, lay.bucket, tuple(constexprs.values()))

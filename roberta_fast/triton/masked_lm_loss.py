@@ -10,21 +10,16 @@ a zero gradient; a label outside ``[0, V)`` is never used as an address (its row
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import launch_context
+from . import INTERPRET, launch_context
 
 # Lowest finite fp32: the running max starts here rather than at -inf so that -inf logits add
 # exp(-inf) = 0 instead of exp(-inf - -inf) = NaN. A constexpr: kernels compiled for a GPU may
 # read no other kind of global.
 _LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
-
-# Read once, as triton.jit does: it decides between compiled and interpreted kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -87,7 +82,7 @@ def _mlm_rows_kernel(logits_ptr, labels_ptr, scale_ptr, losses_ptr, vocab, row_s
 
 def _block_and_warps(vocab: int) -> tuple[int, int]:
     """Columns per step of the row loops, and warps per row."""
-    if _INTERPRET:
+    if INTERPRET:
         # The interpreter runs a block as numpy arrays: larger blocks mean fewer Python steps.
         return min(triton.next_power_of_2(vocab), 16384), 4
     block = min(triton.next_power_of_2(vocab), 4096)
@@ -142,7 +137,7 @@ def masked_lm_loss_rows_triton(logits: torch.Tensor, labels: torch.Tensor, scale
     with launch_context(logits):
         _mlm_rows_kernel[(rows,)](logits, labels, scale, losses, vocab, row_stride, ignore_index,
                                   WRITE_GRAD=bool(write_grad), BLOCK=block,
-                                  BF16_BY_BITS=_INTERPRET and logits.dtype == torch.bfloat16,
+                                  BF16_BY_BITS=INTERPRET and logits.dtype == torch.bfloat16,
                                   num_warps=num_warps)
     return losses
 
