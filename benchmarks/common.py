@@ -44,6 +44,11 @@ class Case:
     def id(self) -> str:
         return f"{self.group} | {self.impl}"
 
+    def row_fields(self) -> dict:
+        """What every result row of this case says about it, measured or not."""
+        return {"group": self.group, "impl": self.impl, "baseline": self.baseline,
+                "params": self.params}
+
 
 class Unavailable(Exception):
     """Raised by ``Case.setup()`` when its implementation cannot run here (a backend that is not
@@ -147,11 +152,8 @@ def peak_memory(fn: Callable[[], object], device: str) -> float | None:
 
 
 def _row(case: Case, seconds: float, spread_s: float, runs: int, mem: float | None) -> dict:
-    row = {
-        "group": case.group, "impl": case.impl, "baseline": case.baseline,
-        "median_s": seconds, "iqr_s": spread_s, "runs": runs,
-        "peak_mem_bytes": mem, "params": case.params,
-    }
+    row = {**case.row_fields(), "median_s": seconds, "iqr_s": spread_s, "runs": runs,
+           "peak_mem_bytes": mem}
     if case.bytes:
         row["gb_per_s"] = case.bytes / seconds / 1e9
     if case.flops:
@@ -194,8 +196,7 @@ def run_interleaved(cases: list[Case], device: str, *, rounds: int = 3,
     rows = []
     for case in cases:
         if case.impl in skipped:
-            rows.append({"group": case.group, "impl": case.impl, "baseline": case.baseline,
-                         "params": case.params, "status": "skipped",
+            rows.append({**case.row_fields(), "status": "skipped",
                          "reason": skipped[case.impl]})
             continue
         row = _row(case, best[case.impl], 0.0, rounds, peak_memory(fns[case.impl], device))

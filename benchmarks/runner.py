@@ -157,8 +157,7 @@ def _batches(planned: list[tuple[str, Case]]) -> list[tuple[str, list[Case]]]:
 
 def _run_batch(batch: list[Case], device: str, quick: bool) -> list[dict]:
     """Rows of one timing unit (see ``_batches``); failures become rows, never exceptions."""
-    base = [{"group": c.group, "impl": c.impl, "baseline": c.baseline, "params": c.params}
-            for c in batch]
+    base = [c.row_fields() for c in batch]
     try:
         if batch[0].interleave:
             rows = run_interleaved(batch, device, rounds=2 if quick else 3)
@@ -211,8 +210,7 @@ def run(ops: Iterable[str] | None, device: str, dtype: torch.dtype, *, quick: bo
             except KeyboardInterrupt:
                 interrupted = True
                 for op_left, left in units[i:]:
-                    rows.extend({"op": op_left, "group": c.group, "impl": c.impl,
-                                 "baseline": c.baseline, "params": c.params, "status": "skipped",
+                    rows.extend({"op": op_left, **c.row_fields(), "status": "skipped",
                                  "reason": "not run: the run was interrupted"} for c in left)
                 break
             progress.advance(task, len(batch))

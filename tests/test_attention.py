@@ -759,6 +759,26 @@ def _cpu_kernel(q, k, v, grad_out, **kwargs):
     return _triton(q, k, v, grad_out, fwd=torch.ops.roberta_fast.attention_fwd, **kwargs)
 
 
+def _check_varlen_dropout(name, run, device, mask_device, dtype, lengths, max_seqlen, *, heads,
+                          head_dim, p):
+    """``run`` (``_triton`` or ``_cpu_kernel``) on a packed batch with dropout against the float64
+    reference fed the mask the Triton kernels draw (on ``mask_device``) for the same seed."""
+    cu = _cu_seqlens(lengths, device)
+    q, k, v, grad_out = (randn(sum(lengths), heads, head_dim, device=device, dtype=dtype)
+                         for _ in range(4))
+    seed = new_seed(device)
+    drop = kernels.dropout_mask(seed.to(mask_device), len(lengths), heads, max_seqlen,
+                                p).to(device)
+
+    def reference(*x):
+        return varlen_forward_native(*x, cu, dropout_mask=drop, dropout_p=p)
+
+    got = run(q, k, v, grad_out, cu=cu, max_seqlen=max_seqlen, p=p, seed=seed)
+    ref = _grads(reference, (q, k, v), grad_out, F64)
+    base = _grads(reference, (q, k, v), grad_out, dtype)
+    _check_all(name, got, ref, base, dtype)
+
+
 def _check_padded_rows_zero(got, mask):
     out, (dq, dk, dv) = got
     pad = ~mask
@@ -925,20 +945,9 @@ def test_cpu_kernel_dropout_matches_reference_fed_the_mask(padding, dtype, trito
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kernel_varlen_dropout_matches_reference_fed_the_mask(dtype, triton_device):
-    lengths, heads, head_dim, p = [9, 30, 0, 2], 2, 40, 0.35
-    total, max_seqlen = sum(lengths), max(lengths) + 2
-    cu = _cu_seqlens(lengths, "cpu")
-    q, k, v, grad_out = (randn(total, heads, head_dim, dtype=dtype) for _ in range(4))
-    seed = new_seed("cpu")
-    drop = kernels.dropout_mask(seed.to(triton_device), len(lengths), heads, max_seqlen, p).cpu()
-
-    def reference(*x):
-        return varlen_forward_native(*x, cu, dropout_mask=drop, dropout_p=p)
-
-    got = _cpu_kernel(q, k, v, grad_out, cu=cu, max_seqlen=max_seqlen, p=p, seed=seed)
-    ref = _grads(reference, (q, k, v), grad_out, F64)
-    base = _grads(reference, (q, k, v), grad_out, dtype)
-    _check_all(f"cpu varlen dropout {dtype}", got, ref, base, dtype)
+    lengths = [9, 30, 0, 2]
+    _check_varlen_dropout(f"cpu varlen dropout {dtype}", _cpu_kernel, "cpu", triton_device, dtype,
+                          lengths, max(lengths) + 2, heads=2, head_dim=40, p=0.35)
 
 
 @needs_cpu_kernel
@@ -1234,21 +1243,9 @@ def test_gpu_cuda_forward_and_triton_forward_agree(monkeypatch):
 def test_gpu_triton_varlen_and_dropout(dtype, monkeypatch):
     monkeypatch.setattr(kernels, "torch", _PoisonedTorch())
     monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
-    lengths, heads, head_dim, p = [128, 1, 511, 300, 77], 12, 64, 0.1
-    total, max_seqlen = sum(lengths), max(lengths)
-    cu = _cu_seqlens(lengths, "cuda")
-    q, k, v, grad_out = (randn(total, heads, head_dim, device="cuda", dtype=dtype)
-                         for _ in range(4))
-    seed = new_seed("cuda")
-    drop = kernels.dropout_mask(seed, len(lengths), heads, max_seqlen, p)
-
-    def reference(*x):
-        return varlen_forward_native(*x, cu, dropout_mask=drop, dropout_p=p)
-
-    got = _triton(q, k, v, grad_out, cu=cu, max_seqlen=max_seqlen, p=p, seed=seed)
-    ref = _grads(reference, (q, k, v), grad_out, F64)
-    base = _grads(reference, (q, k, v), grad_out, dtype)
-    _check_all(f"gpu varlen dropout {dtype}", got, ref, base, dtype)
+    lengths = [128, 1, 511, 300, 77]
+    _check_varlen_dropout(f"gpu varlen dropout {dtype}", _triton, "cuda", "cuda", dtype, lengths,
+                          max(lengths), heads=12, head_dim=64, p=0.1)
 
 
 def _untuned(monkeypatch):
